@@ -1,0 +1,3 @@
+from tokensettle.cli import main
+
+raise SystemExit(main())
