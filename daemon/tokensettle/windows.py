@@ -57,9 +57,10 @@ class Activity:
     """When an owner (a run or a step) was active, in raw seconds, plus its grace.
 
     The owner's minutes are `[floor_minute(start), ceil_minute(end) + grace)`, at least
-    one minute. Its weight in a minute is the number of seconds of `[start, end + grace)`
-    that fall in it: the grace minute counts as activity, because requests are recorded
-    when they finish and may land after the run's own end timestamp.
+    one minute: the grace minute is fetched because a request may be recorded a little
+    after the run's own end timestamp. Its *active weight* in a minute is the seconds of
+    `[start, end]` inside it; a grace minute has weight 0, so it is claimed only when no
+    owner was actively running in it (see attribution).
     """
 
     start: float
@@ -73,13 +74,15 @@ class Activity:
         return Interval(lo, hi)
 
     def weight(self, minute: int) -> float:
-        """Seconds of activity in the minute slot starting at `minute` (> 0 in its window)."""
-        if not self.window.contains_minute(minute):
-            return 0.0
+        """Active seconds in the minute slot starting at `minute` (0 for grace minutes)."""
         lo = max(self.start, minute)
-        hi = min(max(self.end + self.grace, self.start), minute + MINUTE)
-        # An owner of zero duration still owns its minute; give it a sliver of weight.
-        return max(hi - lo, 1e-3)
+        hi = min(self.end, minute + MINUTE)
+        if hi > lo:
+            return hi - lo
+        # An instantaneous owner is still active in the minute that holds its instant.
+        if self.start == self.end and minute <= self.start < minute + MINUTE:
+            return 1e-3
+        return 0.0
 
 
 def run_activity(start: float, end: float, grace: int) -> Activity:
@@ -97,9 +100,9 @@ def merge_windows(windows: Iterable[Interval]) -> list[Interval]:
     """Merge windows into the fewest disjoint intervals that cost the fewest requests.
 
     Overlapping or touching windows always merge. A gap between two windows is bridged
-    when fetching it costs no extra request (the pages of the bridged interval are no
-    more than the pages of the two apart), so the result never costs more requests than
-    fetching each merged group on its own, and no minute is fetched twice.
+    when that saves a request (the bridged interval needs fewer pages than the two apart),
+    so the result never costs more requests than fetching the windows one by one, and no
+    minute is fetched twice.
     """
     ordered = sorted(windows)
     merged: list[Interval] = []
