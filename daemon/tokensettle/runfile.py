@@ -1,0 +1,397 @@
+"""metrics.json: bytes -> RunRecord, and (document, patch) -> bytes. No I/O here.
+
+Two schemas are seen in the field: steps that carry token fields (`tokens_in`, ...) and
+steps that must not. Step timestamps are int or float Unix seconds; run-level timestamps
+are ISO 8601 strings (or numbers). The window comes from the steps when they have one,
+else from the run.
+
+Formatting is kept by re-serialising with the file's own style (indent, separators,
+ASCII escaping, trailing newline), detected from its bytes; every fixture in the field
+round-trips byte-for-byte that way, so a patch changes only the patched fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tokensettle import TOOL_NAME
+from tokensettle.stability import AttemptRecord, Status, Totals, Verdict, parse_status
+from tokensettle.usage import Usage
+from tokensettle.windows import Activity, Interval
+
+BLOCK = "usage_api_reconciliation"
+STEP_TOKEN_KEYS: dict[str, str] = {
+    "tokens_in": "input_tokens",
+    "tokens_out": "output_tokens",
+    "api_calls": "num_model_requests",
+    "cached_tokens": "cached_tokens",
+}
+AGGREGATE_TOKEN_KEYS: dict[str, str] = {
+    "TOK_IN": "input_tokens",
+    "TOK_OUT": "output_tokens",
+    "API_CALLS": "num_model_requests",
+    "CACHED_TOKENS": "cached_tokens",
+}
+# Plausible Unix seconds: 2001 .. 2100. Anything else is a unit or type mix-up.
+_MIN_TS, _MAX_TS = 1.0e9, 4.1e9
+
+
+class RunFileError(ValueError):
+    """The file cannot be reconciled. `str()` is a one-line reason for logs and `list`."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    index: int
+    label: str
+    activity: Activity | None
+    token_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    path: Path
+    framework: str
+    run_id: str
+    activity: Activity
+    steps: tuple[StepInfo, ...]
+    attempts: tuple[AttemptRecord, ...]
+    status: Status | None
+    ours: bool
+    written: Totals | None
+    model: str | None
+    window_source: str
+    message: str | None = None
+
+    @property
+    def window(self) -> Interval:
+        return self.activity.window
+
+    @property
+    def end(self) -> datetime:
+        return datetime.fromtimestamp(self.activity.end, UTC)
+
+    @property
+    def start(self) -> datetime:
+        return datetime.fromtimestamp(self.activity.start, UTC)
+
+    @property
+    def steps_have_tokens(self) -> bool:
+        return any(s.token_keys for s in self.steps)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _timestamp(value: object, what: str) -> float:
+    if isinstance(value, bool):
+        raise RunFileError(f"{what} is a boolean, expected a timestamp")
+    if isinstance(value, int | float):
+        ts = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise RunFileError(f"{what} {value!r} is not ISO 8601 or Unix seconds") from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)  # the seed writes naive UTC + 'Z'
+            ts = parsed.timestamp()
+    else:
+        raise RunFileError(f"{what} is {type(value).__name__}, expected a timestamp")
+    if not math.isfinite(ts) or not _MIN_TS <= ts <= _MAX_TS:
+        raise RunFileError(f"{what} {value!r} is not a plausible Unix time in seconds")
+    return ts
+
+
+def _step_label(step: Mapping[str, Any], index: int) -> str:
+    for key in ("step_number", "step"):
+        value = step.get(key)
+        if isinstance(value, int | str) and not isinstance(value, bool):
+            return str(value)
+    return str(index + 1)
+
+
+def _parse_steps(raw_steps: object, grace: int) -> list[StepInfo]:
+    if raw_steps is None:
+        return []
+    if not isinstance(raw_steps, list):
+        raise RunFileError(f"'steps' is {type(raw_steps).__name__}, expected a list")
+    steps: list[StepInfo] = []
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, dict):
+            raise RunFileError(f"steps[{i}] is {type(step).__name__}, expected an object")
+        label = _step_label(step, i)
+        activity = None
+        if step.get("start_timestamp") is not None and step.get("end_timestamp") is not None:
+            start = _timestamp(step["start_timestamp"], f"steps[{i}].start_timestamp")
+            end = _timestamp(step["end_timestamp"], f"steps[{i}].end_timestamp")
+            if end < start:
+                raise RunFileError(f"steps[{i}] ends before it starts")
+            activity = Activity(start, end, grace)
+        keys = tuple(k for k in STEP_TOKEN_KEYS if k in step)
+        for k in keys:
+            v = step[k]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise RunFileError(f"steps[{i}].{k} is {type(v).__name__}, expected a number")
+        steps.append(StepInfo(i, label, activity, keys))
+    return steps
+
+
+def _iso(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _attempt_record(raw: object) -> AttemptRecord | None:
+    if not isinstance(raw, dict):
+        return None
+    ts = _iso(raw.get("timestamp"))
+    if ts is None:
+        return None
+    error = raw.get("error")
+    tin, tout = _count(raw.get("total_tokens_in")), _count(raw.get("total_tokens_out"))
+    if error or tin is None or tout is None:
+        return AttemptRecord(ts, None, None, str(error or "no totals recorded"))
+    totals = Totals(
+        tin,
+        tout,
+        _count(raw.get("total_api_calls")) or 0,
+        _count(raw.get("total_cached_tokens")) or 0,
+    )
+    fp = raw.get("fingerprint")
+    return AttemptRecord(ts, totals, fp if isinstance(fp, str) else None, None)
+
+
+def _written_totals(block: Mapping[str, Any]) -> Totals | None:
+    """Totals an earlier verification wrote (by us or the seed tool)."""
+    if parse_status(block.get("verification_status")) not in (Status.VERIFIED, Status.AMBIGUOUS):
+        return None
+    attempts = block.get("attempts")
+    if not isinstance(attempts, list):
+        return None
+    for raw in reversed(attempts):
+        record = _attempt_record(raw)
+        if record is not None and record.totals is not None:
+            return record.totals
+    return None
+
+
+def load_document(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise RunFileError("file is empty")
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError:
+        raise RunFileError("file is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise RunFileError(f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise RunFileError("JSON nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise RunFileError(f"top level is a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
+def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
+    """Read one metrics.json. Raises RunFileError with a one-line reason."""
+    doc = load_document(raw)
+    run_id = doc.get("run_id", path.parent.name)
+    if not isinstance(run_id, str) or not run_id:
+        raise RunFileError(f"'run_id' is {type(run_id).__name__}, expected a non-empty string")
+    for key in ("aggregate_metrics", BLOCK):
+        if key in doc and not isinstance(doc[key], dict):
+            raise RunFileError(f"'{key}' is {type(doc[key]).__name__}, expected an object")
+    steps = _parse_steps(doc.get("steps"), grace)
+    timed = [s.activity for s in steps if s.activity is not None]
+    if timed:
+        activity = Activity(min(a.start for a in timed), max(a.end for a in timed), grace)
+        source = "steps"
+    elif doc.get("start_timestamp") is not None and doc.get("end_timestamp") is not None:
+        start = _timestamp(doc["start_timestamp"], "start_timestamp")
+        end = _timestamp(doc["end_timestamp"], "end_timestamp")
+        if end < start:
+            raise RunFileError("end_timestamp is before start_timestamp")
+        activity = Activity(start, end, grace)
+        source = "run"
+    else:
+        raise RunFileError(
+            "no run window: neither steps[].start/end_timestamp nor start/end_timestamp"
+        )
+    block = doc.get(BLOCK) or {}
+    raw_attempts = block.get("attempts", [])
+    if not isinstance(raw_attempts, list):
+        raise RunFileError(f"'{BLOCK}.attempts' is not a list")
+    attempts = tuple(a for a in (_attempt_record(r) for r in raw_attempts) if a is not None)
+    provenance = block.get("provenance")
+    ours = isinstance(provenance, dict) and provenance.get("tool") == TOOL_NAME
+    model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    return RunRecord(
+        path=path,
+        framework=framework,
+        run_id=run_id,
+        activity=activity,
+        steps=tuple(steps),
+        attempts=attempts,
+        status=parse_status(block.get("verification_status")),
+        ours=ours,
+        written=_written_totals(block),
+        model=model,
+        window_source=source,
+        message=str(block["verification_message"]) if block.get("verification_message") else None,
+    )
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True, slots=True)
+class JsonStyle:
+    indent: int | str | None = 2
+    ensure_ascii: bool = True
+    item_sep: str = ","
+    key_sep: str = ": "
+    trailing_newline: bool = False
+
+    def dumps(self, doc: Any) -> bytes:
+        text = json.dumps(
+            doc,
+            indent=self.indent,
+            ensure_ascii=self.ensure_ascii,
+            separators=(self.item_sep, self.key_sep),
+        )
+        return (text + ("\n" if self.trailing_newline else "")).encode("utf-8")
+
+
+def detect_style(raw: bytes) -> JsonStyle:
+    """The json.dumps arguments that reproduce `raw` (exactly, for any file json.dumps wrote)."""
+    text = raw.decode("utf-8")
+    trailing = text.endswith("\n")
+    ensure_ascii = not any(ord(c) > 127 for c in text)
+    indent: int | str | None = None
+    match = re.search(r"\n([ \t]+)\S", text)
+    if match:
+        ws = match.group(1)
+        indent = len(ws) if set(ws) == {" "} else ws
+    elif "\n" in text.strip():
+        indent = 0
+    key_sep = ": " if re.search(r'"\s*:\s', text) else ":"
+    item_sep = ", " if indent is None and re.search(r",\s", text) else ","
+    return JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing)
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Everything one attempt changes in a run's file."""
+
+    verdict: Verdict
+    attempt: dict[str, Any]
+    now: datetime
+    provenance: dict[str, Any]
+    totals: Usage | None = None
+    step_values: Mapping[int, Usage] = field(default_factory=dict)
+    extra_block: Mapping[str, Any] = field(default_factory=dict)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat()
+
+
+def _set_count(target: dict[str, Any], key: str, value: int) -> None:
+    target[key] = value
+
+
+def _aei(autr: object, tok_in: int) -> float | None:
+    if isinstance(autr, bool) or not isinstance(autr, int | float):
+        return None
+    return 0.0 if tok_in == 0 else float(autr) / math.log(1 + tok_in)
+
+
+def apply_patch(
+    doc: Mapping[str, Any],
+    patch: Patch,
+    steps: Sequence[StepInfo],
+    append_attempt: bool = True,
+) -> dict[str, Any]:
+    """A patched deep copy of `doc`. Token fields change only for verified/ambiguous."""
+    out: dict[str, Any] = copy.deepcopy(dict(doc))
+    verdict = patch.verdict
+    block: dict[str, Any] = out.get(BLOCK) if isinstance(out.get(BLOCK), dict) else {}  # type: ignore[assignment]
+    out[BLOCK] = block
+    attempts = block.get("attempts")
+    if not isinstance(attempts, list):
+        attempts = []
+    if append_attempt:
+        attempts.append(patch.attempt)
+    block["verification_status"] = verdict.status.value
+    block["verification_message"] = verdict.message
+    block["attempts"] = attempts
+    block["status"] = verdict.status.value
+    block["reconciled_at"] = iso(patch.now)
+    block["next_poll_at"] = iso(verdict.next_due) if verdict.next_due else None
+    if verdict.verified_at is not None:
+        block["verified_at"] = iso(verdict.verified_at)
+    old_provenance = block.get("provenance")
+    block["provenance"] = {
+        **(old_provenance if isinstance(old_provenance, dict) else {}),
+        **patch.provenance,
+    }
+    for key, value in patch.extra_block.items():
+        block[key] = value
+
+    if verdict.writes_tokens and patch.totals is not None:
+        totals = patch.totals
+        block["total_tokens_in"] = totals.input_tokens
+        block["total_tokens_out"] = totals.output_tokens
+        block["total_api_calls"] = totals.num_model_requests
+        block["total_cached_tokens"] = totals.cached_tokens
+        agg = out.get("aggregate_metrics")
+        if not isinstance(agg, dict):
+            agg = {}
+            out["aggregate_metrics"] = agg
+        for key, attr in AGGREGATE_TOKEN_KEYS.items():
+            _set_count(agg, key, getattr(totals, attr))
+        aei = _aei(agg.get("AUTR"), totals.input_tokens)
+        if aei is not None:
+            agg["AEI"] = aei
+        updated: list[str] = []
+        raw_steps = out.get("steps")
+        if isinstance(raw_steps, list):
+            for step in steps:
+                if not step.token_keys:
+                    continue
+                value = patch.step_values.get(step.index, Usage())
+                target = raw_steps[step.index]
+                for key in step.token_keys:
+                    _set_count(target, key, getattr(value, STEP_TOKEN_KEYS[key]))
+                updated.append(step.label)
+        block["steps_updated"] = updated
+    if "verification_status" in out:
+        out["verification_status"] = verdict.status.value
+    return out
