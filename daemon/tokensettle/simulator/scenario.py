@@ -1,0 +1,746 @@
+"""The simulator's pure model: virtual requests, their revisions, and the Usage API answer.
+
+Nothing here does I/O or reads a clock: every function that depends on time takes `now`
+(Unix seconds). The HTTP layer (`server.py`) only parses HTTP, applies faults and calls
+into this module, so the whole contract of the fake can be tested without sockets.
+
+Contract followed (see ../shared/reference/usage-api-notes.md, section 7):
+
+* a query returns buckets aligned to UTC minute/hour/day boundaries, the first clipped to
+  `start_time` and the last to `min(end_time, now)`; empty buckets are present with
+  `results: []`;
+* a minute slot's usage is counted only when the slot *start* lies in the query range, so a
+  query starting in the middle of a minute does not see that minute;
+* without `group_by` a non-empty bucket has one result whose six dimension fields are all
+  null; with `group_by` one result per combination of the grouped fields;
+* pages hold `limit` buckets; `next_page` is an opaque `page_<base64>` cursor.
+
+Decisions of the fake where the real API is undocumented (recorded here, not observed):
+non-integer times, out-of-range `limit`, unknown `bucket_width`/`group_by` values, a
+cursor that does not decode or belongs to another query, and `end_time <= start_time` are
+all answered with HTTP 400 `invalid_request_error`. The simulator has no user, batch or
+service-tier dimension: grouping by `user_id`, `batch` or `service_tier` yields null
+values, a `user_ids` filter or `batch=true` matches nothing, and `batch=false` matches all.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import random
+import re
+import struct
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from tokensettle.usage import ALL_FIELDS, REQUIRED_FIELDS, Usage, UsageRow
+from tokensettle.windows import floor_minute
+
+#: Admin key the simulator accepts when the scenario names no admin keys (dev and demo).
+SIMULATOR_ADMIN_KEY: Final = "sk-admin-simulator-0000"
+
+RESULT_OBJECT: Final = "organization.usage.completions.result"
+#: Bucket width name -> seconds.
+BUCKET_WIDTHS: Final[Mapping[str, int]] = {"1m": 60, "1h": 3600, "1d": 86400}
+#: Bucket width name -> (default limit, max limit).
+LIMITS: Final[Mapping[str, tuple[int, int]]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
+DEFAULT_BUCKET_WIDTH: Final = "1d"
+#: The six dimension fields of a completions result, in the order the spec lists them.
+RESULT_DIMENSIONS: Final = ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier")
+GROUP_BY_VALUES: Final = frozenset(RESULT_DIMENSIONS)
+ARRAY_PARAMS: Final = frozenset({"project_ids", "user_ids", "api_key_ids", "models", "group_by"})
+SCALAR_PARAMS: Final = frozenset(
+    {"start_time", "end_time", "bucket_width", "limit", "page", "batch"}
+)
+FAULT_KINDS: Final = ("429", "500", "502", "503", "hang", "bad_json", "401", "403")
+
+MISSING_SCOPE_MESSAGE: Final = (
+    "You have insufficient permissions for this operation. Missing scopes: api.usage.read."
+)
+_INTEGER = re.compile(r"[0-9]{1,12}")
+_MAX_TIME: Final = 10**11
+
+
+class ScenarioError(ValueError):
+    """A scenario document, registration body or fault description is invalid."""
+
+
+class ApiError(Exception):
+    """An error answer of the fake API, carrying the standard OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def _bad_request(message: str, param: str | None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+# --------------------------------------------------------------------------------------
+# Virtual requests
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """The usage a request reports from `registered_at + after` seconds on."""
+
+    after: float
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualRequest:
+    """One model request as the provider records it: completion `time`, dimensions, and
+    the revisions of its counters over time (the latest visible one counts)."""
+
+    time: float
+    api_key_id: str
+    project_id: str
+    model: str
+    revisions: tuple[Revision, ...]
+    registered_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.revisions:
+            raise ScenarioError("a virtual request needs at least one revision")
+        if any(r.after < 0 for r in self.revisions):
+            raise ScenarioError("revision delays must not be negative")
+        ordered = tuple(sorted(self.revisions, key=lambda r: r.after))
+        object.__setattr__(self, "revisions", ordered)
+
+    @property
+    def minute(self) -> int:
+        """The minute slot the request is recorded in."""
+        return floor_minute(self.time)
+
+    def usage_at(self, now: float) -> Usage | None:
+        """The latest revision visible at `now`, or None while the request is invisible."""
+        elapsed = now - self.registered_at
+        current: Usage | None = None
+        for revision in self.revisions:
+            if revision.after <= elapsed:
+                current = revision.usage
+            else:
+                break
+        return current
+
+    @property
+    def final_usage(self) -> Usage:
+        return self.revisions[-1].usage
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "api_key_id": self.api_key_id,
+            "project_id": self.project_id,
+            "model": self.model,
+            "registered_at": self.registered_at,
+            "revisions": [{"after": r.after, "usage": r.usage.present()} for r in self.revisions],
+        }
+
+
+def _number(obj: Mapping[str, Any], name: str, default: float | None = None) -> float:
+    value = obj.get(name, default)
+    if value is None:
+        raise ScenarioError(f"{name!r} is required")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ScenarioError(f"{name!r} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _string(obj: Mapping[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value:
+        raise ScenarioError(f"{name!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def usage_from_json(obj: object) -> Usage:
+    """Token counters from a JSON object; unknown fields are refused (typos would
+    otherwise silently become zeros). Missing required counters default to 0."""
+    if not isinstance(obj, Mapping):
+        raise ScenarioError(f"usage must be an object, got {type(obj).__name__}")
+    values: dict[str, int | None] = {}
+    for name, value in obj.items():
+        if name not in ALL_FIELDS:
+            raise ScenarioError(f"unknown usage field {name!r}")
+        if value is None and name not in REQUIRED_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ScenarioError(f"usage field {name!r} must be a non-negative integer")
+        values[name] = value
+    return Usage.from_fields(values)
+
+
+_REQUEST_KEYS: Final = frozenset(
+    {"time", "api_key_id", "project_id", "model", "usage", "visible_after", "revisions"}
+    | {"registered_at"}
+)
+
+
+def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
+    """Parse one request of `POST /_sim/requests` or of a scenario file.
+
+    `usage` (visible `visible_after` seconds after registration, default 0) and/or
+    `revisions` (`[{"after": s, "usage": {...}}]`) give the counters over time. A
+    `registered_at` in the object (as written by `Scenario.to_json`) wins over the argument.
+    """
+    if not isinstance(obj, Mapping):
+        raise ScenarioError(f"a request must be an object, got {type(obj).__name__}")
+    unknown = set(obj) - _REQUEST_KEYS
+    if unknown:
+        raise ScenarioError(f"unknown request fields: {sorted(unknown)}")
+    revisions: list[Revision] = []
+    if "usage" in obj:
+        after = _number(obj, "visible_after", 0.0)
+        revisions.append(Revision(after=after, usage=usage_from_json(obj["usage"])))
+    elif "visible_after" in obj:
+        raise ScenarioError("'visible_after' needs 'usage'")
+    raw_revisions = obj.get("revisions", [])
+    if not isinstance(raw_revisions, list):
+        raise ScenarioError("'revisions' must be a list")
+    for raw in raw_revisions:
+        if not isinstance(raw, Mapping) or set(raw) - {"after", "usage"}:
+            raise ScenarioError(f"a revision must be {{'after', 'usage'}}, got {raw!r}")
+        revisions.append(Revision(after=_number(raw, "after"), usage=usage_from_json(raw["usage"])))
+    if not revisions:
+        raise ScenarioError("a request needs 'usage' or 'revisions'")
+    return VirtualRequest(
+        time=_number(obj, "time"),
+        api_key_id=_string(obj, "api_key_id"),
+        project_id=_string(obj, "project_id"),
+        model=_string(obj, "model"),
+        revisions=tuple(revisions),
+        registered_at=_number(obj, "registered_at", registered_at),
+    )
+
+
+def aggregate(
+    items: Iterable[tuple[int, str | None, str | None, str | None, Usage]],
+) -> list[UsageRow]:
+    """Sum usage per (minute, api_key_id, project_id, model), sorted by that key."""
+    acc: dict[tuple[int, str | None, str | None, str | None], Usage] = {}
+    for minute, key, project, model, usage in items:
+        k = (minute, key, project, model)
+        acc[k] = acc[k] + usage if k in acc else usage
+    return [
+        UsageRow(minute=m, usage=u, api_key_id=k, project_id=p, model=mo)
+        for (m, k, p, mo), u in sorted(acc.items(), key=lambda kv: _sort_key(kv[0]))
+    ]
+
+
+def _sort_key(values: Sequence[object]) -> tuple[tuple[int, str], ...]:
+    """Order tuples that may hold None, ints, bools and strings (None first)."""
+    return tuple(
+        (0, "") if v is None else (1, f"{v:020d}" if isinstance(v, int) else str(v)) for v in values
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Faults
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One injected failure, consumed by the next usage request (FIFO)."""
+
+    kind: str
+    retry_after: int | None = None
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ScenarioError(
+                f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}"
+            )
+        if self.retry_after is not None:
+            if self.kind not in ("429", "503"):
+                raise ScenarioError("'retry_after' only applies to 429 and 503 faults")
+            if self.retry_after < 1:
+                raise ScenarioError("'retry_after' must be an integer >= 1")
+        if self.seconds < 0 or (self.kind == "hang" and self.seconds == 0):
+            raise ScenarioError("a hang fault needs 'seconds' > 0")
+
+    @staticmethod
+    def from_json(obj: object) -> Fault:
+        if not isinstance(obj, Mapping) or set(obj) - {"kind", "retry_after", "seconds"}:
+            raise ScenarioError(
+                f"a fault must be {{'kind', 'retry_after'?, 'seconds'?}}, got {obj!r}"
+            )
+        kind = obj.get("kind")
+        if isinstance(kind, int) and not isinstance(kind, bool):
+            kind = str(kind)
+        if not isinstance(kind, str):
+            raise ScenarioError(f"fault 'kind' must be a string, got {kind!r}")
+        retry_after = obj.get("retry_after")
+        if retry_after is not None and (
+            isinstance(retry_after, bool) or not isinstance(retry_after, int)
+        ):
+            raise ScenarioError("'retry_after' must be an integer number of seconds")
+        seconds = _number(obj, "seconds", 0.0)
+        return Fault(kind=kind, retry_after=retry_after, seconds=seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        if self.seconds:
+            out["seconds"] = self.seconds
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# The scenario
+
+
+class Scenario:
+    """Virtual requests, keys and pending faults. Mutable; no clock reads."""
+
+    def __init__(
+        self,
+        requests: Iterable[VirtualRequest] = (),
+        *,
+        admin_keys: Iterable[str] = (),
+        unscoped_keys: Iterable[str] = (),
+        faults: Iterable[Fault] = (),
+        seed: int = 0,
+    ) -> None:
+        self.admin_keys: set[str] = set(admin_keys)
+        self.unscoped_keys: set[str] = set(unscoped_keys)
+        self.requests: list[VirtualRequest] = list(requests)
+        self.faults: deque[Fault] = deque(faults)
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        # Keys are secrets even in a simulator: never print them.
+        return (
+            f"Scenario(requests={len(self.requests)}, admin_keys={len(self.admin_keys)}, "
+            f"unscoped_keys={len(self.unscoped_keys)}, faults={len(self.faults)})"
+        )
+
+    def add(self, req: VirtualRequest) -> None:
+        self.requests.append(req)
+
+    def add_fault(self, fault: Fault) -> None:
+        self.faults.append(fault)
+
+    def next_fault(self) -> Fault | None:
+        return self.faults.popleft() if self.faults else None
+
+    def reset(self) -> None:
+        """Forget requests and pending faults (keys stay)."""
+        self.requests.clear()
+        self.faults.clear()
+
+    @property
+    def accepted_keys(self) -> frozenset[str]:
+        return frozenset(self.admin_keys) if self.admin_keys else frozenset({SIMULATOR_ADMIN_KEY})
+
+    def check_auth(self, authorization: str | None) -> ApiError | None:
+        """None when the `Authorization` header carries an accepted admin key."""
+        return check_auth(authorization, self.accepted_keys, frozenset(self.unscoped_keys))
+
+    def visible_rows(self, now: float) -> list[UsageRow]:
+        """The latest visible revision of every request, summed per (minute, key, project,
+        model). Requests not yet visible at `now` are absent."""
+        items = []
+        for req in self.requests:
+            usage = req.usage_at(now)
+            if usage is not None:
+                items.append((req.minute, req.api_key_id, req.project_id, req.model, usage))
+        return aggregate(items)
+
+    def truth(self) -> list[UsageRow]:
+        """Final revisions of every request, aggregated: what the API settles to."""
+        return aggregate(
+            (r.minute, r.api_key_id, r.project_id, r.model, r.final_usage) for r in self.requests
+        )
+
+    def respond(self, pairs: Sequence[tuple[str, str]], now: float) -> dict[str, Any]:
+        """The 200 page for a query (raises ApiError for a 400)."""
+        query = parse_query(pairs)
+        return build_page(query, self.visible_rows(now), now, seed=self.seed)
+
+    @staticmethod
+    def from_json(obj: object, *, registered_at: float = 0.0) -> Scenario:
+        """Load `{"admin_keys", "unscoped_keys", "seed", "requests", "faults"}` (all
+        optional). Requests without their own `registered_at` get the argument."""
+        if not isinstance(obj, Mapping):
+            raise ScenarioError("a scenario must be a JSON object")
+        unknown = set(obj) - {"admin_keys", "unscoped_keys", "seed", "requests", "faults"}
+        if unknown:
+            raise ScenarioError(f"unknown scenario fields: {sorted(unknown)}")
+        admin = _string_list(obj.get("admin_keys", []), "admin_keys")
+        unscoped = _string_list(obj.get("unscoped_keys", []), "unscoped_keys")
+        seed = obj.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ScenarioError("'seed' must be an integer")
+        raw_requests = obj.get("requests", [])
+        raw_faults = obj.get("faults", [])
+        if not isinstance(raw_requests, list) or not isinstance(raw_faults, list):
+            raise ScenarioError("'requests' and 'faults' must be lists")
+        return Scenario(
+            (request_from_json(r, registered_at=registered_at) for r in raw_requests),
+            admin_keys=admin,
+            unscoped_keys=unscoped,
+            faults=(Fault.from_json(f) for f in raw_faults),
+            seed=seed,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "admin_keys": sorted(self.admin_keys),
+            "unscoped_keys": sorted(self.unscoped_keys),
+            "seed": self.seed,
+            "requests": [r.to_json() for r in self.requests],
+            "faults": [f.to_json() for f in self.faults],
+        }
+
+
+def _string_list(value: object, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ScenarioError(f"{name!r} must be a list of non-empty strings")
+    return list(value)
+
+
+def check_auth(
+    authorization: str | None, accepted: frozenset[str], unscoped: frozenset[str]
+) -> ApiError | None:
+    """401 for a missing, non-Bearer or unknown key, 403 for a key without the usage scope.
+
+    The key is never echoed back (the real API shows a masked key; the fake shows none).
+    """
+    if not authorization:
+        return ApiError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return ApiError(
+            401,
+            "Incorrect API key provided. Use an admin key with Bearer authentication.",
+            code="invalid_api_key",
+        )
+    if key in unscoped:
+        return ApiError(403, MISSING_SCOPE_MESSAGE)
+    if key not in accepted:
+        return ApiError(
+            401,
+            "Incorrect API key provided. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            code="invalid_api_key",
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Queries
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """A validated `GET /organization/usage/completions` query."""
+
+    start_time: int
+    end_time: int | None = None
+    bucket_width: str = DEFAULT_BUCKET_WIDTH
+    limit: int = LIMITS[DEFAULT_BUCKET_WIDTH][0]
+    group_by: tuple[str, ...] = ()
+    project_ids: frozenset[str] = field(default_factory=frozenset)
+    user_ids: frozenset[str] = field(default_factory=frozenset)
+    api_key_ids: frozenset[str] = field(default_factory=frozenset)
+    models: frozenset[str] = field(default_factory=frozenset)
+    batch: bool | None = None
+    page: str | None = None
+
+    @property
+    def width_seconds(self) -> int:
+        return BUCKET_WIDTHS[self.bucket_width]
+
+
+def _parse_time(name: str, value: str) -> int:
+    if not _INTEGER.fullmatch(value) or int(value) > _MAX_TIME:
+        raise _bad_request(
+            f"Invalid type for '{name}': expected an integer (Unix seconds), but got {value!r}.",
+            name,
+        )
+    return int(value)
+
+
+def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
+    """Validate a query given as decoded (key, value) pairs, in order.
+
+    Arrays are accepted as repeated `k=v`, as `k[]=v` and as comma-joined `k=a,b` (and any
+    mixture). A scalar given twice is refused. Unknown parameters are ignored.
+    """
+    scalars: dict[str, str] = {}
+    arrays: dict[str, list[str]] = {name: [] for name in ARRAY_PARAMS}
+    for raw_key, value in pairs:
+        key = raw_key[:-2] if raw_key.endswith("[]") else raw_key
+        if key in ARRAY_PARAMS:
+            arrays[key].extend(part for part in value.split(",") if part)
+        elif raw_key in SCALAR_PARAMS:
+            if raw_key in scalars:
+                raise _bad_request(f"'{raw_key}' was given more than once.", raw_key)
+            scalars[raw_key] = value
+    if "start_time" not in scalars:
+        raise _bad_request("Missing required parameter: 'start_time'.", "start_time")
+    start = _parse_time("start_time", scalars["start_time"])
+    end: int | None = None
+    if "end_time" in scalars:
+        end = _parse_time("end_time", scalars["end_time"])
+        if end <= start:
+            raise _bad_request("'end_time' must be greater than 'start_time'.", "end_time")
+    width = scalars.get("bucket_width", DEFAULT_BUCKET_WIDTH)
+    if width not in BUCKET_WIDTHS:
+        raise _bad_request(
+            f"Invalid value for 'bucket_width': {width!r}. Supported values are '1m', '1h' "
+            "and '1d'.",
+            "bucket_width",
+        )
+    default_limit, max_limit = LIMITS[width]
+    limit = default_limit
+    if "limit" in scalars:
+        raw = scalars["limit"]
+        if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= max_limit:
+            raise _bad_request(
+                f"Invalid value for 'limit': {raw!r}. With bucket_width={width} the limit "
+                f"must be an integer between 1 and {max_limit}.",
+                "limit",
+            )
+        limit = int(raw)
+    group_by: list[str] = []
+    for value in arrays["group_by"]:
+        if value not in GROUP_BY_VALUES:
+            raise _bad_request(
+                f"Invalid value for 'group_by': {value!r}. Supported values are "
+                + ", ".join(f"'{v}'" for v in RESULT_DIMENSIONS)
+                + ".",
+                "group_by",
+            )
+        if value not in group_by:
+            group_by.append(value)
+    batch: bool | None = None
+    if "batch" in scalars:
+        raw = scalars["batch"].lower()
+        if raw not in ("true", "false"):
+            raise _bad_request("Invalid value for 'batch': expected true or false.", "batch")
+        batch = raw == "true"
+    page = scalars.get("page") or None
+    return UsageQuery(
+        start_time=start,
+        end_time=end,
+        bucket_width=width,
+        limit=limit,
+        group_by=tuple(group_by),
+        project_ids=frozenset(arrays["project_ids"]),
+        user_ids=frozenset(arrays["user_ids"]),
+        api_key_ids=frozenset(arrays["api_key_ids"]),
+        models=frozenset(arrays["models"]),
+        batch=batch,
+        page=page,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Buckets and pages
+
+
+@dataclass(frozen=True, slots=True)
+class BucketGrid:
+    """The buckets of `[start, end)` for one width: UTC-aligned, first and last clipped."""
+
+    start: int
+    end: int
+    width: int
+
+    @property
+    def first_boundary(self) -> int:
+        return (self.start // self.width) * self.width + self.width
+
+    def __len__(self) -> int:
+        if self.end <= self.start:
+            return 0
+        f = self.first_boundary
+        if self.end <= f:
+            return 1
+        return 1 + math.ceil((self.end - f) / self.width)
+
+    def bucket(self, k: int) -> tuple[int, int]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        f = self.first_boundary
+        lo = self.start if k == 0 else f + (k - 1) * self.width
+        return lo, min(f + k * self.width, self.end)
+
+    def index_of(self, t: int) -> int:
+        """Index of the bucket containing `t` (which must lie in `[start, end)`)."""
+        f = self.first_boundary
+        return 0 if t < f else (t - f) // self.width + 1
+
+    def index_starting_at(self, t: int) -> int | None:
+        """Index of the bucket that starts exactly at `t`, if any."""
+        if not self.start <= t < self.end:
+            return None
+        k = self.index_of(t)
+        return k if self.bucket(k)[0] == t else None
+
+
+def effective_end(query: UsageQuery, now: float) -> int:
+    """The last bucket ends at `min(end_time, now)`; without `end_time` at `now`."""
+    now_s = math.floor(now)
+    return now_s if query.end_time is None else min(query.end_time, now_s)
+
+
+def grid_for(query: UsageQuery, now: float) -> BucketGrid:
+    return BucketGrid(query.start_time, effective_end(query, now), query.width_seconds)
+
+
+_CURSOR = struct.Struct(">qqq")
+
+
+def encode_cursor(query: UsageQuery, bucket_start: int) -> str:
+    """Opaque cursor naming the next bucket of this query (its start time and width)."""
+    raw = _CURSOR.pack(query.start_time, query.width_seconds, bucket_start)
+    return "page_" + base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_cursor(query: UsageQuery, grid: BucketGrid) -> int:
+    """Index of the first bucket of the page `query.page` names (0 without a cursor)."""
+    if query.page is None:
+        return 0
+    invalid = _bad_request(
+        "Invalid value for 'page': the cursor is not valid for this query.", "page"
+    )
+    cursor = query.page
+    if not cursor.startswith("page_"):
+        raise invalid
+    try:
+        raw = base64.urlsafe_b64decode(cursor[len("page_") :].encode("ascii"))
+        start, width, bucket_start = _CURSOR.unpack(raw)
+    except (binascii.Error, struct.error, UnicodeEncodeError, ValueError):
+        raise invalid from None
+    if start != query.start_time or width != query.width_seconds:
+        raise invalid
+    k = grid.index_starting_at(bucket_start)
+    if k is None or k == 0:
+        raise invalid
+    return k
+
+
+def _dimension(row: UsageRow, name: str) -> str | None:
+    if name == "api_key_id":
+        return row.api_key_id
+    if name == "project_id":
+        return row.project_id
+    if name == "model":
+        return row.model
+    return None  # user_id, batch, service_tier: not modelled by the simulator
+
+
+def _row_matches(query: UsageQuery, row: UsageRow) -> bool:
+    if query.api_key_ids and row.api_key_id not in query.api_key_ids:
+        return False
+    if query.project_ids and row.project_id not in query.project_ids:
+        return False
+    if query.models and row.model not in query.models:
+        return False
+    if query.user_ids:
+        return False  # no request carries a user
+    return query.batch is not True  # every simulated request is a non-batch request
+
+
+def result_object(
+    usage: Usage, dims: Mapping[str, str | None], rng: random.Random | None
+) -> dict[str, Any]:
+    """One completions result: required counters, the optional counters the usage carries,
+    and all six dimension fields (null unless given). Key order shuffled by `rng`."""
+    items: list[tuple[str, Any]] = [("object", RESULT_OBJECT)]
+    items.extend(usage.present().items())
+    items.extend((name, dims.get(name)) for name in RESULT_DIMENSIONS)
+    if rng is not None:
+        rng.shuffle(items)
+    return dict(items)
+
+
+def bucket_results(
+    query: UsageQuery, rows: Iterable[UsageRow], *, rng: random.Random | None = None
+) -> list[dict[str, Any]]:
+    """The results of one bucket from the (already filtered) rows that fall in it."""
+    groups: dict[tuple[str | None, ...], Usage] = {}
+    for row in rows:
+        key = tuple(_dimension(row, name) for name in query.group_by)
+        groups[key] = groups[key] + row.usage if key in groups else row.usage
+    results = []
+    for key in sorted(groups, key=_sort_key):
+        dims = dict(zip(query.group_by, key, strict=True))
+        results.append(result_object(groups[key], dims, rng))
+    return results
+
+
+def build_page(
+    query: UsageQuery, rows: Iterable[UsageRow], now: float, *, seed: int | None = 0
+) -> dict[str, Any]:
+    """The 200 answer for `query` over `rows` (the rows visible at `now`).
+
+    `seed` makes the shuffled key order reproducible; None keeps a fixed order.
+    """
+    grid = grid_for(query, now)
+    first = decode_cursor(query, grid)
+    total = len(grid)
+    last = min(first + query.limit, total)  # exclusive
+    per_bucket: dict[int, list[UsageRow]] = {}
+    if first < last:
+        lo = grid.bucket(first)[0]
+        hi = grid.bucket(last - 1)[1]
+        for row in rows:
+            if lo <= row.minute < hi and _row_matches(query, row):
+                per_bucket.setdefault(grid.index_of(row.minute), []).append(row)
+    data = []
+    for k in range(first, last):
+        b_start, b_end = grid.bucket(k)
+        rng = None if seed is None else random.Random(f"{seed}:{b_start}")
+        data.append(
+            {
+                "object": "bucket",
+                "start_time": b_start,
+                "end_time": b_end,
+                "results": bucket_results(query, per_bucket.get(k, ()), rng=rng),
+            }
+        )
+    has_more = last < total
+    return {
+        "object": "page",
+        "data": data,
+        "has_more": has_more,
+        "next_page": encode_cursor(query, grid.bucket(last)[0]) if has_more else None,
+    }

@@ -1,0 +1,494 @@
+"""The simulator's HTTP layer: the fake Usage API and its control endpoints (aiohttp.web).
+
+Usage endpoint (admin-key auth, like the real one):
+    GET  /v1/organization/usage/completions
+
+Control endpoints (no auth; answered only to loopback clients):
+    POST /_sim/requests  {"requests": [{"time", "api_key_id", "project_id", "model",
+                          "usage", "visible_after"?, "revisions"?}]}
+    POST /_sim/faults    {"faults": [{"kind": "429", "retry_after"?: 1}, {"kind": "hang",
+                          "seconds": 3}, ...]}  (FIFO, one per usage request)
+    POST /_sim/keys      {"admin_keys": [...], "unscoped_keys": [...]}
+    POST /_sim/reset     forget requests, faults and the request log (keys stay)
+    GET  /_sim/log       [{"query": raw query string, "status", "at", "fault"}]
+    GET  /_sim/stats     {"usage_requests": N, "by_status": {"200": n, ...}, ...}
+    GET  /_sim/truth     {"rows": [...]} final revisions, aggregated per minute/key/project/model
+
+Every usage request, whatever its key, consumes the next pending fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+from urllib.parse import parse_qsl
+
+import structlog
+from aiohttp import web
+
+from tokensettle.simulator.scenario import (
+    MISSING_SCOPE_MESSAGE,
+    SIMULATOR_ADMIN_KEY,
+    ApiError,
+    Fault,
+    Scenario,
+    ScenarioError,
+    request_from_json,
+)
+
+__all__ = [
+    "SIMULATOR_ADMIN_KEY",
+    "USAGE_PATH",
+    "LogEntry",
+    "RunningSimulator",
+    "create_app",
+    "load_scenario_file",
+    "run_simulator_cli",
+    "serve_forever",
+]
+
+USAGE_PATH: Final = "/v1/organization/usage/completions"
+_LOOPBACK: Final = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+log = structlog.get_logger("tokensettle.simulator")
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """One usage request the simulator received (never its headers or key)."""
+
+    query: str
+    at: float
+    status: int = 0
+    fault: str | None = None
+    #: First word of the Authorization header (e.g. "Bearer"), never the credential.
+    auth_scheme: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "status": self.status,
+            "at": self.at,
+            "fault": self.fault,
+            "auth_scheme": self.auth_scheme,
+        }
+
+
+@dataclass(slots=True)
+class _State:
+    scenario: Scenario
+    clock: Callable[[], float]
+    log: list[LogEntry] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+STATE: Final = web.AppKey("tokensettle_simulator_state", _State)
+
+
+def _error(err: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(err.envelope(), status=err.status, headers=headers)
+
+
+def _fault_response(fault: Fault) -> web.Response | None:
+    """The answer a fault forces, or None for faults that alter a normal answer."""
+    headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
+    if fault.kind == "429":
+        return _error(
+            ApiError(
+                429,
+                "Rate limit reached for requests to the usage API. Please try again later.",
+                type_="requests",
+                code="rate_limit_exceeded",
+            ),
+            headers,
+        )
+    if fault.kind == "500":
+        return _error(
+            ApiError(
+                500,
+                "The server had an error while processing your request. Sorry about that!",
+                type_="server_error",
+            )
+        )
+    if fault.kind == "502":
+        # What a gateway in front of the API answers: HTML, not the JSON envelope.
+        return web.Response(
+            status=502,
+            text="<html><body><h1>502 Bad Gateway</h1></body></html>",
+            content_type="text/html",
+        )
+    if fault.kind == "503":
+        return _error(
+            ApiError(
+                503,
+                "The server is overloaded or not ready yet.",
+                type_="server_error",
+            ),
+            headers,
+        )
+    if fault.kind == "401":
+        return _error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
+    if fault.kind == "403":
+        return _error(ApiError(403, MISSING_SCOPE_MESSAGE))
+    return None
+
+
+def _answer(state: _State, request: web.Request) -> web.Response:
+    denied = state.scenario.check_auth(request.headers.get("Authorization"))
+    if denied is not None:
+        return _error(denied)
+    pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+    try:
+        page = state.scenario.respond(pairs, state.clock())
+    except ApiError as err:
+        return _error(err)
+    return web.json_response(page)
+
+
+def _auth_scheme(authorization: str | None) -> str | None:
+    """ "Bearer" and the like; "invalid" for a header that is not `scheme credential` (it
+    might be a bare key, which must not reach the log)."""
+    if not authorization:
+        return None
+    scheme, sep, _ = authorization.partition(" ")
+    return scheme if sep and scheme.isalpha() and len(scheme) <= 16 else "invalid"
+
+
+async def _usage(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    entry = LogEntry(
+        query=request.rel_url.raw_query_string,
+        at=state.clock(),
+        auth_scheme=_auth_scheme(request.headers.get("Authorization")),
+    )
+    state.log.append(entry)
+    fault = state.scenario.next_fault()
+    entry.fault = fault.kind if fault else None
+    response: web.Response | None = _fault_response(fault) if fault else None
+    if response is None and fault is not None and fault.kind == "hang":
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.stopping.wait(), timeout=fault.seconds)
+        if state.stopping.is_set():
+            response = _error(
+                ApiError(503, "The simulator is shutting down.", type_="server_error")
+            )
+    if response is None:
+        response = _answer(state, request)
+        if fault is not None and fault.kind == "bad_json":
+            body = response.body if isinstance(response.body, bytes) else b""
+            truncated = body[: max(1, len(body) // 2)] if response.status == 200 else b""
+            response = web.Response(
+                status=200,
+                body=truncated or b'{"object": "page", "data": [',
+                content_type="application/json",
+            )
+    entry.status = response.status
+    return response
+
+
+# --------------------------------------------------------------------------------------
+# Control endpoints
+
+
+@web.middleware
+async def _loopback_only(
+    request: web.Request, handler: Callable[[web.Request], Any]
+) -> web.StreamResponse:
+    if request.path.startswith("/_sim/") and request.remote not in _LOOPBACK:
+        return web.json_response({"error": "control endpoints answer loopback only"}, status=403)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"body is not JSON: {exc}"}), content_type="application/json"
+        ) from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "body must be a JSON object"}),
+            content_type="application/json",
+        )
+    return body
+
+
+def _invalid(exc: ScenarioError) -> web.Response:
+    return web.json_response({"error": str(exc)}, status=400)
+
+
+async def _register_requests(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    raw = body.get("requests")
+    if not isinstance(raw, list):
+        return web.json_response({"error": "'requests' must be a list"}, status=400)
+    now = state.clock()
+    try:
+        parsed = [request_from_json(r, registered_at=now) for r in raw]
+    except ScenarioError as exc:
+        return _invalid(exc)
+    for req in parsed:
+        state.scenario.add(req)
+    return web.json_response({"registered": len(parsed), "registered_at": now})
+
+
+async def _queue_faults(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    raw = body.get("faults")
+    if not isinstance(raw, list):
+        return web.json_response({"error": "'faults' must be a list"}, status=400)
+    try:
+        faults = [Fault.from_json(f) for f in raw]
+    except ScenarioError as exc:
+        return _invalid(exc)
+    for fault in faults:
+        state.scenario.add_fault(fault)
+    return web.json_response({"queued": len(faults), "pending": len(state.scenario.faults)})
+
+
+async def _set_keys(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    updates: dict[str, set[str]] = {}
+    for name in ("admin_keys", "unscoped_keys"):
+        if name in body:
+            value = body[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                return web.json_response(
+                    {"error": f"{name!r} must be a list of strings"}, status=400
+                )
+            updates[name] = set(value)
+    if "admin_keys" in updates:
+        state.scenario.admin_keys = updates["admin_keys"]
+    if "unscoped_keys" in updates:
+        state.scenario.unscoped_keys = updates["unscoped_keys"]
+    return web.json_response(
+        {
+            "admin_keys": len(state.scenario.admin_keys),
+            "unscoped_keys": len(state.scenario.unscoped_keys),
+        }
+    )
+
+
+async def _reset(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.scenario.reset()
+    state.log.clear()
+    return web.json_response({"reset": True})
+
+
+def _stats(state: _State) -> dict[str, Any]:
+    by_status = Counter(str(e.status) for e in state.log)
+    return {
+        "usage_requests": len(state.log),
+        "by_status": dict(sorted(by_status.items())),
+        "registered_requests": len(state.scenario.requests),
+        "pending_faults": len(state.scenario.faults),
+    }
+
+
+async def _get_log(request: web.Request) -> web.Response:
+    return web.json_response([e.to_json() for e in request.app[STATE].log])
+
+
+async def _get_stats(request: web.Request) -> web.Response:
+    return web.json_response(_stats(request.app[STATE]))
+
+
+async def _get_truth(request: web.Request) -> web.Response:
+    rows = request.app[STATE].scenario.truth()
+    return web.json_response(
+        {
+            "rows": [
+                {
+                    "minute": r.minute,
+                    "api_key_id": r.api_key_id,
+                    "project_id": r.project_id,
+                    "model": r.model,
+                    "usage": r.usage.present(),
+                }
+                for r in rows
+            ]
+        }
+    )
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STATE].stopping.set()  # wake hanging handlers so shutdown is not blocked
+
+
+def create_app(scenario: Scenario, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """The simulator as an aiohttp application over `scenario`, reading time from `clock`."""
+    app = web.Application(middlewares=[_loopback_only])
+    app[STATE] = _State(scenario=scenario, clock=clock)
+    app.router.add_get(USAGE_PATH, _usage)
+    app.router.add_post("/_sim/requests", _register_requests)
+    app.router.add_post("/_sim/faults", _queue_faults)
+    app.router.add_post("/_sim/keys", _set_keys)
+    app.router.add_post("/_sim/reset", _reset)
+    app.router.add_get("/_sim/log", _get_log)
+    app.router.add_get("/_sim/stats", _get_stats)
+    app.router.add_get("/_sim/truth", _get_truth)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+# --------------------------------------------------------------------------------------
+# Running it
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class RunningSimulator:
+    """`async with RunningSimulator(scenario) as sim:` serves on 127.0.0.1 (port 0 = any
+    free port) until the block ends; `sim.base_url` is the API base for a client."""
+
+    def __init__(
+        self,
+        scenario: Scenario | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.scenario = scenario if scenario is not None else Scenario()
+        self.host = host
+        self.app = create_app(self.scenario, clock=clock)
+        self._requested_port = port
+        self._port: int | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Self:
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=5.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self._requested_port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        address = runner.addresses[0]
+        self._port = int(address[1])
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("the simulator is not running")
+        return self._port
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """API base, e.g. `http://127.0.0.1:8787/v1` (the client appends the path)."""
+        return f"{self.root_url}/v1"
+
+    @property
+    def request_log(self) -> list[LogEntry]:
+        """The usage requests received so far (live list, arrival order)."""
+        return self.app[STATE].log
+
+    def stats(self) -> dict[str, Any]:
+        return _stats(self.app[STATE])
+
+
+def load_scenario_file(path: str | Path, *, now: float | None = None) -> Scenario:
+    """Read a scenario JSON file (`--scenario FILE`). Requests without `registered_at` are
+    registered at `now` (default: the current time), so their delays count from startup."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario {p}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ScenarioError(f"scenario {p} is not valid JSON: {exc}") from None
+    try:
+        return Scenario.from_json(obj, registered_at=time.time() if now is None else now)
+    except ScenarioError as exc:
+        raise ScenarioError(f"scenario {p}: {exc}") from None
+
+
+async def serve_forever(
+    host: str,
+    port: int,
+    scenario: Scenario,
+    *,
+    on_ready: Callable[[RunningSimulator], None] | None = None,
+) -> None:
+    """Serve until cancelled or until SIGINT/SIGTERM (used by `tokensettle simulate`).
+
+    `on_ready` is called once the socket listens and the signal handlers are installed.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or no signal support: cancellation still works
+        installed.append(sig)
+    try:
+        async with RunningSimulator(scenario, host=host, port=port) as sim:
+            log.info(
+                "simulator.listening",
+                url=sim.base_url,
+                requests=len(scenario.requests),
+                admin_keys=len(scenario.accepted_keys),
+                default_key=not scenario.admin_keys,
+            )
+            if on_ready is not None:
+                on_ready(sim)
+            await stop.wait()
+            log.info("simulator.stopping")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def run_simulator_cli(host: str, port: int, scenario_file: Path | None) -> int:
+    """`tokensettle simulate`: serve until SIGINT/SIGTERM. Exit 0, or 2 for a bad scenario
+    file or an address that cannot be bound."""
+    try:
+        scenario = load_scenario_file(scenario_file) if scenario_file else Scenario()
+    except ScenarioError as exc:
+        sys.stderr.write(f"tokensettle simulate: {exc}\n")
+        return 2
+    try:
+        asyncio.run(serve_forever(host, port, scenario))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        sys.stderr.write(f"tokensettle simulate: cannot listen on {host}:{port}: {exc}\n")
+        return 2
+    return 0

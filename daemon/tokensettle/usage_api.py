@@ -1,0 +1,575 @@
+"""The aiohttp client for `GET {base}/organization/usage/completions`.
+
+One `fetch` reads one minute-aligned interval with one-minute buckets, grouped by
+api_key_id, project_id and model, following every page. Each HTTP request is rate limited
+(leaky bucket), bounded by a timeout, and retried on 429, 5xx, transport errors and
+malformed bodies with exponential backoff and full jitter, honouring `Retry-After`. A
+failed fetch always raises a typed `UsageApiError`; it never yields empty or zero rows.
+
+The admin key is sent only in the `Authorization` header: it is not stored in any
+exception, repr or log event, and server messages are scrubbed of it before use.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import structlog
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from tokensettle.usage import UsageRow, UsageRowError, usage_from_result
+from tokensettle.windows import MAX_BUCKETS_PER_PAGE, Interval, floor_minute
+
+__all__ = [
+    "GROUP_BY",
+    "USAGE_PATH",
+    "AuthError",
+    "BadRequestError",
+    "FetchResult",
+    "Filters",
+    "MalformedResponseError",
+    "Page",
+    "PaginationError",
+    "RateLimitedError",
+    "RetryPolicy",
+    "ServerError",
+    "TransportError",
+    "UsageApiError",
+    "UsageClient",
+    "build_query",
+    "decode_page",
+    "parse_page",
+    "query_params",
+]
+
+USAGE_PATH: Final = "/organization/usage/completions"
+GROUP_BY: Final = ("api_key_id", "project_id", "model")
+RESULT_OBJECT: Final = "organization.usage.completions.result"
+_MESSAGE_LIMIT: Final = 500
+_REDACTED: Final = "[REDACTED]"
+
+log = structlog.get_logger("tokensettle.usage_api")
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+
+
+class UsageApiError(Exception):
+    """A Usage API request failed. `retryable` says whether trying again later may help."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        attempt: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.attempt = attempt
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, status={self.status!r})"
+
+
+class AuthError(UsageApiError):
+    """401/403: the key is wrong or lacks the `api.usage.read` scope. Never retried."""
+
+    status: int
+
+    def __init__(self, message: str, *, status: int, attempt: int | None = None) -> None:
+        super().__init__(message, status=status, attempt=attempt)
+
+
+class BadRequestError(UsageApiError):
+    """400/404/422 (and other 4xx): the request is wrong. Never retried."""
+
+
+class RateLimitedError(UsageApiError):
+    """429 still failing after the retries, or a `Retry-After` longer than allowed."""
+
+    retryable = True
+
+
+class ServerError(UsageApiError):
+    """5xx still failing after the retries."""
+
+    retryable = True
+
+
+class TransportError(UsageApiError):
+    """Connection errors or timeouts still failing after the retries."""
+
+    retryable = True
+
+
+class MalformedResponseError(UsageApiError):
+    """A body that is not JSON or not the documented page shape, after the retries."""
+
+    retryable = True
+
+
+class PaginationError(UsageApiError):
+    """The pages do not chain: repeated cursor, `has_more` without a cursor, too many pages,
+    or buckets repeated across pages."""
+
+
+# --------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """Server-side filters; empty means no filter on that dimension."""
+
+    api_key_ids: frozenset[str] = frozenset()
+    project_ids: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 5  # total tries per HTTP request
+    base: float = 0.5  # exponential backoff base seconds (full jitter)
+    cap: float = 30.0  # max backoff seconds
+    max_retry_after: float = 120.0  # a longer Retry-After is not waited for
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base < 0 or self.cap < 0 or self.max_retry_after < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def backoff(self, failed_attempt: int, rng: random.Random) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2**(n-1))] after the n-th failure."""
+        ceiling = min(self.cap, self.base * 2.0 ** (failed_attempt - 1))
+        return rng.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    interval: Interval
+    rows: tuple[UsageRow, ...]  # one per result object, minute = bucket minute slot start
+    requests: int  # HTTP requests actually sent, retries included
+    pages: int  # pages followed
+    params: dict[str, str | list[str]]  # base query parameters sent (without `page`)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One parsed response page."""
+
+    rows: tuple[UsageRow, ...]
+    bucket_starts: tuple[int, ...]
+    has_more: bool
+    next_page: str | None
+
+
+# --------------------------------------------------------------------------------------
+# Pure parts: the query and the page
+
+
+def build_query(
+    interval: Interval, filters: Filters = Filters(), page: str | None = None
+) -> list[tuple[str, str]]:
+    """The query for `interval` as (key, value) pairs; arrays as repeated keys, sorted."""
+    pairs: list[tuple[str, str]] = [
+        ("start_time", str(int(interval.start))),
+        ("end_time", str(int(interval.end))),
+        ("bucket_width", "1m"),
+        ("limit", str(min(MAX_BUCKETS_PER_PAGE, interval.minutes))),
+    ]
+    pairs.extend(("group_by", dim) for dim in GROUP_BY)
+    pairs.extend(("api_key_ids", key) for key in sorted(filters.api_key_ids))
+    pairs.extend(("project_ids", project) for project in sorted(filters.project_ids))
+    if page is not None:
+        pairs.append(("page", page))
+    return pairs
+
+
+_ARRAY_KEYS: Final = frozenset({"group_by", "api_key_ids", "project_ids"})
+
+
+def query_params(pairs: Sequence[tuple[str, str]]) -> dict[str, str | list[str]]:
+    """The pairs as a mapping: array parameters as lists, scalars as strings."""
+    out: dict[str, str | list[str]] = {}
+    for key, value in pairs:
+        if key in _ARRAY_KEYS:
+            existing = out.setdefault(key, [])
+            assert isinstance(existing, list)
+            existing.append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _malformed(message: str) -> MalformedResponseError:
+    return MalformedResponseError(f"malformed Usage API page: {message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dimension(result: Mapping[str, Any], name: str) -> str | None:
+    value = result.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _malformed(f"result field {name!r} is {type(value).__name__}, expected string")
+    return value
+
+
+def parse_page(body: object, interval: Interval) -> Page:
+    """Check a decoded page strictly and turn its results into rows.
+
+    A row's minute is the bucket's minute slot (`floor_minute(bucket.start_time)`; the
+    first bucket may start at the requested, unaligned start). Buckets whose slot lies
+    outside `interval` are ignored. Raises MalformedResponseError on any shape problem.
+    """
+    if not isinstance(body, Mapping):
+        raise _malformed(f"body is {type(body).__name__}, expected an object")
+    if body.get("object") != "page":
+        raise _malformed(f"object is {body.get('object')!r}, expected 'page'")
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise _malformed("'data' is not a list")
+    has_more = body.get("has_more")
+    if not isinstance(has_more, bool):
+        raise _malformed("'has_more' is not a boolean")
+    next_page = body.get("next_page")
+    if next_page is not None and not isinstance(next_page, str):
+        raise _malformed("'next_page' is neither a string nor null")
+    rows: list[UsageRow] = []
+    starts: list[int] = []
+    previous: int | None = None
+    for bucket in data:
+        if not isinstance(bucket, Mapping):
+            raise _malformed("a bucket is not an object")
+        start = bucket.get("start_time")
+        if not _is_int(start):
+            raise _malformed(f"bucket start_time {start!r} is not an integer")
+        assert isinstance(start, int)
+        end = bucket.get("end_time")
+        if end is not None and not _is_int(end):
+            raise _malformed(f"bucket end_time {end!r} is not an integer")
+        results = bucket.get("results")
+        if not isinstance(results, list):
+            raise _malformed(f"bucket {start} has no 'results' list")
+        if previous is not None and start <= previous:
+            raise _malformed(f"bucket {start} does not follow bucket {previous}")
+        previous = start
+        minute = floor_minute(start)
+        if not interval.contains_minute(minute):
+            continue
+        starts.append(start)
+        for result in results:
+            if not isinstance(result, Mapping):
+                raise _malformed(f"a result in bucket {start} is not an object")
+            if result.get("object") != RESULT_OBJECT:
+                raise _malformed(f"result object is {result.get('object')!r}")
+            try:
+                usage = usage_from_result(result)
+            except UsageRowError as exc:
+                raise _malformed(f"bucket {start}: {exc}") from None
+            rows.append(
+                UsageRow(
+                    minute=minute,
+                    usage=usage,
+                    api_key_id=_dimension(result, "api_key_id"),
+                    project_id=_dimension(result, "project_id"),
+                    model=_dimension(result, "model"),
+                )
+            )
+    return Page(
+        rows=tuple(rows), bucket_starts=tuple(starts), has_more=has_more, next_page=next_page
+    )
+
+
+def decode_page(raw: bytes, interval: Interval) -> Page:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _malformed(
+            f"body is not JSON ({exc.__class__.__name__} at byte {_pos(exc)})"
+        ) from None
+    return parse_page(body, interval)
+
+
+def _pos(exc: Exception) -> int:
+    return getattr(exc, "pos", getattr(exc, "start", -1))
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or HTTP date);
+    header names are matched case-insensitively. None when absent or unusable."""
+    headers = {k.lower(): v for k, v in headers.items()}
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            ms = float(raw_ms)
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000.0
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - now
+        return max(seconds, 0.0)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+# --------------------------------------------------------------------------------------
+# The client
+
+
+class UsageClient:
+    """Reads the completions usage of an interval. One instance per daemon (shares the
+    rate limiter); the aiohttp session is owned by the caller."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        admin_key: str,
+        session: aiohttp.ClientSession,
+        rate_limit_per_min: float = 30.0,
+        request_timeout: float = 30.0,
+        retry: RetryPolicy = RetryPolicy(),
+        max_pages: int = 500,
+    ) -> None:
+        if rate_limit_per_min <= 0:
+            raise ValueError("rate_limit_per_min must be positive")
+        if max_pages < 1:
+            raise ValueError("max_pages must be at least 1")
+        self._url = base_url.rstrip("/") + USAGE_PATH
+        self.__key = admin_key
+        self._session = session
+        self._limiter = AsyncLimiter(rate_limit_per_min, 60)
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._retry = retry
+        self._max_pages = max_pages
+        self._requests_sent = 0
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:
+        return f"UsageClient(url={self._url!r}, requests_sent={self._requests_sent})"
+
+    @property
+    def requests_sent(self) -> int:
+        """HTTP requests sent over the client's life, retries included."""
+        return self._requests_sent
+
+    def _redact(self, text: str) -> str:
+        text = text.replace(self.__key, _REDACTED) if self.__key else text
+        return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
+
+    async def fetch(self, interval: Interval, filters: Filters = Filters()) -> FetchResult:
+        """All rows of `interval` (every page). Raises a UsageApiError subclass on failure."""
+        base = build_query(interval, filters)
+        requests = 0  # this fetch's own count: other fetches may share the client
+        rows: list[UsageRow] = []
+        cursors: set[str] = set()
+        cursor: str | None = None
+        last_bucket: int | None = None
+        pages = 0
+        while True:
+            if pages >= self._max_pages:
+                raise PaginationError(
+                    f"more than {self._max_pages} pages for {interval.start}..{interval.end}; "
+                    "giving up rather than reading a partial range"
+                )
+            pairs = base if cursor is None else [*base, ("page", cursor)]
+            page, tries = await self._get_page(pairs, interval, pages + 1)
+            requests += tries
+            pages += 1
+            if page.bucket_starts:
+                if last_bucket is not None and page.bucket_starts[0] <= last_bucket:
+                    raise PaginationError(
+                        f"page {pages} repeats buckets (starts at {page.bucket_starts[0]}, "
+                        f"previous page ended at bucket {last_bucket})"
+                    )
+                last_bucket = page.bucket_starts[-1]
+            rows.extend(page.rows)
+            if not page.has_more:
+                break
+            if not page.next_page:
+                raise PaginationError(f"page {pages} says has_more but gives no next_page cursor")
+            if page.next_page in cursors:
+                raise PaginationError(f"page {pages} repeats an earlier next_page cursor")
+            cursors.add(page.next_page)
+            cursor = page.next_page
+        return FetchResult(
+            interval=interval,
+            rows=tuple(rows),
+            requests=requests,
+            pages=pages,
+            params=query_params(base),
+        )
+
+    def _should_retry(self, exc: BaseException) -> bool:
+        if not isinstance(exc, UsageApiError) or not exc.retryable:
+            return False
+        return exc.retry_after is None or exc.retry_after <= self._retry.max_retry_after
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(exc, UsageApiError) and exc.retry_after is not None:
+            return exc.retry_after
+        return self._retry.backoff(state.attempt_number, self._rng)
+
+    async def _get_page(
+        self, pairs: list[tuple[str, str]], interval: Interval, page_no: int
+    ) -> tuple[Page, int]:
+        """The page and the number of HTTP requests it took (retries included)."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._retry.attempts),
+            wait=self._wait,
+            retry=retry_if_exception(self._should_retry),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                number = attempt.retry_state.attempt_number
+                return await self._send(pairs, interval, page_no, number), number
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _send(
+        self, pairs: list[tuple[str, str]], interval: Interval, page_no: int, attempt: int
+    ) -> Page:
+        """One HTTP request: its page, or the typed error for its outcome."""
+        of = f"attempt {attempt} of {self._retry.attempts}"
+        async with self._limiter:
+            self._requests_sent += 1
+            began = time.monotonic()
+            status: int | None = None
+            try:
+                async with self._session.get(
+                    self._url,
+                    params=pairs,
+                    headers={"Authorization": f"Bearer {self.__key}"},
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    body = await resp.read()
+                    headers = dict(resp.headers.items())
+                    reason = resp.reason or ""
+            except TimeoutError:
+                self._log(None, page_no, attempt, began, error="timeout")
+                raise TransportError(
+                    f"Usage API request timed out after {self._timeout.total}s ({of})",
+                    attempt=attempt,
+                ) from None
+            except aiohttp.ClientError as exc:
+                self._log(status, page_no, attempt, began, error=type(exc).__name__)
+                detail = self._redact(str(exc))
+                raise TransportError(
+                    f"Usage API request failed: {type(exc).__name__}: {detail} ({of})",
+                    attempt=attempt,
+                ) from None
+        self._log(status, page_no, attempt, began)
+        if status == 200:
+            try:
+                return decode_page(body, interval)
+            except MalformedResponseError as exc:
+                raise MalformedResponseError(f"{exc} ({of})", status=200, attempt=attempt) from None
+        raise self._status_error(
+            status, reason=reason, headers=headers, body=body, of=of, attempt=attempt
+        )
+
+    def _status_error(
+        self,
+        status: int,
+        *,
+        reason: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        of: str,
+        attempt: int,
+    ) -> UsageApiError:
+        message = self._redact(_error_message(body) or reason or "no message")
+        text = f"Usage API answered HTTP {status}: {message}"
+        if status in (401, 403):
+            return AuthError(text, status=status, attempt=attempt)
+        retry_after = parse_retry_after(headers, time.time())
+        if retry_after is not None and retry_after > self._retry.max_retry_after:
+            # _should_retry gives up on these: waiting that long is the caller's decision
+            text += f" (Retry-After {retry_after:g}s exceeds {self._retry.max_retry_after:g}s)"
+        if status == 429:
+            return RateLimitedError(
+                f"{text} ({of})", status=status, retry_after=retry_after, attempt=attempt
+            )
+        if status >= 500:
+            return ServerError(
+                f"{text} ({of})", status=status, retry_after=retry_after, attempt=attempt
+            )
+        if status == 408:
+            return TransportError(
+                f"{text} ({of})", status=status, retry_after=retry_after, attempt=attempt
+            )
+        if 400 <= status < 500:
+            return BadRequestError(text, status=status, attempt=attempt)
+        return MalformedResponseError(
+            f"unexpected HTTP {status} ({of})", status=status, attempt=attempt
+        )
+
+    def _log(
+        self, status: int | None, page: int, attempt: int, began: float, error: str | None = None
+    ) -> None:
+        duration_ms = round((time.monotonic() - began) * 1000.0, 1)
+        if status == 200:
+            log.info(
+                "usage_api.request",
+                status=status,
+                page=page,
+                attempt=attempt,
+                duration_ms=duration_ms,
+            )
+        else:
+            log.warning(
+                "usage_api.request",
+                status=status,
+                page=page,
+                attempt=attempt,
+                duration_ms=duration_ms,
+                error=error,
+            )
+
+
+def _error_message(body: bytes) -> str | None:
+    """`error.message` of the standard envelope, if the body is one."""
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(obj, Mapping):
+        err = obj.get("error")
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str) and err["message"]:
+            return str(err["message"])
+        if isinstance(err, str) and err:
+            return err
+    return None
