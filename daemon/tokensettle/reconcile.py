@@ -1,0 +1,672 @@
+"""One attempt for a batch of runs: query, attribute, decide, write.
+
+Shared by `tokensettle reconcile` and the daemon. The batch costs requests per merged
+window, not per run: every due run's window is merged into the fewest disjoint intervals,
+each fetched once (paginated) with `group_by=api_key_id,project_id,model`, and the rows
+are shared out locally among *all* known runs (due or not), so a run that is not due
+still keeps its minutes from a neighbour that is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tokensettle import TOOL_NAME, __version__
+from tokensettle.atomic import (
+    ConflictError,
+    Snapshot,
+    UnsafeFileError,
+    check_inside,
+    read_snapshot,
+    rewrite,
+)
+from tokensettle.attribution import Owner, Share, attribute, rows_of
+from tokensettle.config import Settings
+from tokensettle.discovery import Found, scan_all
+from tokensettle.durations import format_duration
+from tokensettle.manifest import ManifestUpdate, find_manifest, update_manifest
+from tokensettle.runfile import (
+    Patch,
+    RunFileError,
+    RunRecord,
+    apply_patch,
+    detect_style,
+    iso,
+    load_document,
+    parse_run,
+)
+from tokensettle.stability import (
+    TERMINAL,
+    AttemptRecord,
+    Policy,
+    Status,
+    Totals,
+    Verdict,
+    decide,
+    fingerprint,
+    next_due,
+)
+from tokensettle.usage import Scope, Usage, UsageRow
+from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
+from tokensettle.windows import Interval, merge_windows
+
+log = structlog.get_logger("tokensettle.reconcile")
+
+# States a run can be in for one invocation, beyond the statuses of stability.Status.
+NOT_DUE = "not_due"
+TOO_OLD = "too_old"
+SKIPPED = "skipped"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def policy_of(settings: Settings) -> Policy:
+    return Policy(
+        min_age=settings.min_age,
+        max_age=settings.max_age,
+        stability_interval=settings.stability_interval,
+        stable_polls=settings.stable_polls,
+        max_backoff=settings.max_backoff,
+        retry_delay=settings.retry_delay,
+        apportion_tolerance=settings.apportion_tolerance,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    framework: str | None = None
+    run_id: str | None = None
+    force: bool = False
+
+    def wants(self, framework: str, run_id: str | None, path: Path) -> bool:
+        if self.framework is not None and framework != self.framework:
+            return False
+        return self.run_id is None or self.run_id in (run_id, path.parent.name)
+
+
+@dataclass
+class Loaded:
+    found: Found
+    record: RunRecord | None = None
+    snapshot: Snapshot | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    path: Path
+    framework: str
+    run_id: str | None
+    state: str
+    message: str
+    attempts: int = 0
+    next_due: datetime | None = None
+    run_end: datetime | None = None
+    totals: Usage | None = None
+    polled: bool = False
+    written: bool = False
+    failed: bool = False
+    apportioned_fraction: float = 0.0
+
+    def age(self, now: datetime) -> timedelta | None:
+        return now - self.run_end if self.run_end is not None else None
+
+
+@dataclass
+class BatchReport:
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    intervals: list[Interval] = field(default_factory=list)
+    requests: int = 0
+    auth_error: str | None = None
+    dry_run: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return any(o.failed for o in self.outcomes)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for o in self.outcomes:
+            out[o.state] += 1
+        return dict(out)
+
+
+# ------------------------------------------------------------------- reading the tree
+
+
+def load_runs(found: Iterable[Found], grace: int) -> list[Loaded]:
+    loaded: list[Loaded] = []
+    for item in found:
+        entry = Loaded(item)
+        loaded.append(entry)
+        if item.skip_reason is not None:
+            entry.error = item.skip_reason
+            continue
+        try:
+            check_inside(item.path, item.root)
+            entry.snapshot = read_snapshot(item.path)
+            entry.record = parse_run(entry.snapshot.raw, item.path, item.framework, grace)
+        except (RunFileError, UnsafeFileError) as exc:
+            entry.error = str(exc) if isinstance(exc, RunFileError) else exc.strerror
+        except OSError as exc:
+            entry.error = f"cannot read: {exc.strerror or exc}"
+    return loaded
+
+
+# ------------------------------------------------------------------- planning (pure)
+
+
+@dataclass
+class Plan:
+    due: list[Loaded] = field(default_factory=list)
+    expire: list[Loaded] = field(default_factory=list)
+    outcomes: list[RunOutcome] = field(default_factory=list)
+
+
+def _outcome(entry: Loaded, state: str, message: str, **kw: Any) -> RunOutcome:
+    record = entry.record
+    return RunOutcome(
+        path=entry.found.path,
+        framework=entry.found.framework,
+        run_id=record.run_id if record else None,
+        state=state,
+        message=message,
+        attempts=len(record.attempts) if record else 0,
+        run_end=record.end if record else None,
+        **kw,
+    )
+
+
+def plan(loaded: Sequence[Loaded], selection: Selection, policy: Policy, now: datetime) -> Plan:
+    result = Plan()
+    for entry in loaded:
+        record = entry.record
+        run_id = record.run_id if record else None
+        if not selection.wants(entry.found.framework, run_id, entry.found.path):
+            continue
+        if record is None:
+            state = SKIPPED if entry.found.skip_reason else Status.ERROR.value
+            result.outcomes.append(
+                _outcome(entry, state, entry.error or "", failed=state != SKIPPED)
+            )
+            continue
+        if selection.force:
+            result.due.append(entry)
+            continue
+        if record.status in TERMINAL:
+            result.outcomes.append(
+                _outcome(entry, record.status.value if record.status else "", "already settled")
+            )
+            continue
+        deadline = record.end + policy.max_age
+        if now >= deadline:
+            if record.ours and record.attempts:
+                result.expire.append(entry)
+            else:
+                result.outcomes.append(
+                    _outcome(
+                        entry,
+                        TOO_OLD,
+                        f"ended more than {format_duration(policy.max_age)} ago; not polled "
+                        "(use --max-age or --force to settle it)",
+                    )
+                )
+            continue
+        due = next_due(record.attempts, record.status, record.end, policy)
+        if due is not None and due > now:
+            result.outcomes.append(
+                _outcome(entry, NOT_DUE, f"next poll at {iso(due)}", next_due=due)
+            )
+            continue
+        result.due.append(entry)
+    return result
+
+
+def describe(
+    loaded: Sequence[Loaded], selection: Selection, policy: Policy, now: datetime, *, settled: bool
+) -> list[RunOutcome]:
+    """What `list` shows: every selected run's state and next due time, without polling."""
+    out: list[RunOutcome] = []
+    for entry in loaded:
+        record = entry.record
+        run_id = record.run_id if record else None
+        if not selection.wants(entry.found.framework, run_id, entry.found.path):
+            continue
+        if record is None:
+            state = SKIPPED if entry.found.skip_reason else Status.ERROR.value
+            out.append(_outcome(entry, state, entry.error or ""))
+            continue
+        status = record.status or Status.PENDING
+        if status in TERMINAL:
+            if settled:
+                out.append(_outcome(entry, status.value, record.message or ""))
+            continue
+        if now >= record.end + policy.max_age:
+            out.append(
+                _outcome(entry, TOO_OLD, f"ended more than {format_duration(policy.max_age)} ago")
+            )
+            continue
+        due = next_due(record.attempts, record.status, record.end, policy)
+        message = record.message or ("waiting for min age" if not record.attempts else "")
+        out.append(_outcome(entry, status.value, message, next_due=due))
+    return out
+
+
+def filters_for(scopes: Iterable[Scope]) -> Filters:
+    """The server-side filter for a batch: the union of the scopes where one filter can
+    express it. Rows are always matched to scopes locally as well."""
+    scopes = list(scopes)
+    if not scopes or any(s.is_organisation for s in scopes):
+        return Filters()
+    if all(s.api_key_ids and not s.project_ids for s in scopes):
+        return Filters(api_key_ids=frozenset().union(*(s.api_key_ids for s in scopes)))
+    if all(s.project_ids and not s.api_key_ids for s in scopes):
+        return Filters(project_ids=frozenset().union(*(s.project_ids for s in scopes)))
+    return Filters()
+
+
+# ------------------------------------------------------------------- one attempt
+
+
+@dataclass
+class Fetched:
+    interval: Interval
+    result: FetchResult | None
+    error: str | None
+
+
+@dataclass
+class PollResult:
+    entry: Loaded
+    share: Share | None
+    fetched: Fetched
+    step_values: dict[int, Usage]
+    step_unowned: Usage
+    overlaps: list[dict[str, Any]]
+
+
+def _record(entry: Loaded) -> RunRecord:
+    assert entry.record is not None
+    return entry.record
+
+
+class Reconciler:
+    """Runs one attempt over a batch. The client is the only network I/O; files are read
+    and written through atomic.py; `clock` makes time injectable."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: UsageClient | None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        policy: Policy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.clock = clock
+        self.policy = policy or policy_of(settings)
+        self.grace = int(settings.window_grace.total_seconds())
+
+    def scope_of(self, record: RunRecord) -> Scope:
+        return self.settings.scope_for(record.framework)
+
+    def survey(self) -> list[Loaded]:
+        return load_runs(scan_all(list(self.settings.runs_dirs)), self.grace)
+
+    def list_runs(
+        self, selection: Selection = Selection(), *, settled: bool = False
+    ) -> list[RunOutcome]:
+        return describe(self.survey(), selection, self.policy, self.clock(), settled=settled)
+
+    async def run_once(
+        self, selection: Selection = Selection(), *, dry_run: bool = False
+    ) -> BatchReport:
+        now = self.clock()
+        loaded = self.survey()
+        policy = self.policy
+        if selection.force:
+            policy = replace(policy, max_age=timedelta(days=36500))
+        the_plan = plan(loaded, selection, policy, now)
+        report = BatchReport(outcomes=list(the_plan.outcomes), dry_run=dry_run)
+        for outcome in the_plan.outcomes:
+            if outcome.state == Status.ERROR.value:
+                log.warning("run.unreadable", path=str(outcome.path), reason=outcome.message)
+            elif outcome.state == SKIPPED:
+                log.warning("run.skipped", path=str(outcome.path), reason=outcome.message)
+        for entry in the_plan.expire:
+            report.outcomes.append(await self._expire(entry, policy, now, dry_run))
+        if the_plan.due:
+            owners = [e for e in loaded if e.record is not None]
+            try:
+                results = await self.poll(the_plan.due, owners, report)
+            except AuthError as exc:
+                report.auth_error = str(exc)
+                log.error("usage_api.auth_failed", error=str(exc))
+                return report
+            for result in results:
+                report.outcomes.append(await self._settle(result, policy, now, dry_run))
+        return report
+
+    async def poll(
+        self, due: Sequence[Loaded], owners: Sequence[Loaded], report: BatchReport
+    ) -> list[PollResult]:
+        """Fetch the merged windows of `due` once each and share the rows out."""
+        if self.client is None:
+            raise RuntimeError("no Usage API client configured")
+        intervals = merge_windows(_record(e).window for e in due)
+        report.intervals = intervals
+        by_interval: dict[Interval, list[Loaded]] = defaultdict(list)
+        for entry in due:
+            window = _record(entry).window
+            home = next(i for i in intervals if i.start <= window.start and window.end <= i.end)
+            by_interval[home].append(entry)
+        fetched: dict[Interval, Fetched] = {}
+        rows: list[UsageRow] = []
+        before = self.client.requests_sent
+        for interval in intervals:
+            members = by_interval[interval]
+            filters = filters_for(self.scope_of(_record(e)) for e in members)
+            try:
+                result = await self.client.fetch(interval, filters)
+            except AuthError:
+                raise
+            except UsageApiError as exc:
+                log.warning(
+                    "usage_api.fetch_failed", start=interval.start, end=interval.end, error=str(exc)
+                )
+                fetched[interval] = Fetched(interval, None, str(exc))
+                continue
+            fetched[interval] = Fetched(interval, result, None)
+            rows.extend(result.rows)
+            log.info(
+                "usage_api.fetched",
+                start=iso(datetime.fromtimestamp(interval.start, UTC)),
+                minutes=interval.minutes,
+                rows=len(result.rows),
+                requests=result.requests,
+                runs=len(members),
+            )
+        report.requests += self.client.requests_sent - before
+
+        fetched_ok = [f.interval for f in fetched.values() if f.result is not None]
+        owner_list = [
+            Owner(str(_record(e).path), _record(e).activity, self.scope_of(_record(e)))
+            for e in owners
+            if any(_record(e).window.overlaps(i) for i in fetched_ok)
+        ]
+        names = {str(_record(e).path): _record(e) for e in owners}
+        shares = attribute(rows, owner_list)
+
+        results: list[PollResult] = []
+        for interval in intervals:
+            for entry in by_interval[interval]:
+                record = _record(entry)
+                f = fetched[interval]
+                if f.result is None:
+                    results.append(PollResult(entry, None, f, {}, Usage(), []))
+                    continue
+                share = shares.share(str(record.path))
+                step_values, unowned = self._steps(record, share)
+                results.append(
+                    PollResult(entry, share, f, step_values, unowned, _overlaps(share, names))
+                )
+        return results
+
+    def _steps(self, record: RunRecord, share: Share) -> tuple[dict[int, Usage], Usage]:
+        timed = [s for s in record.steps if s.activity is not None]
+        if not timed:
+            return {}, Usage()
+        owners = [Owner(str(s.index), s.activity) for s in timed if s.activity is not None]
+        split = attribute(rows_of(share.per_minute), owners)
+        return {int(k): v.usage for k, v in split.shares.items()}, split.unowned
+
+    # ------------------------------------------------------------------- deciding
+
+    def _provenance(self, record: RunRecord, fetched: Fetched) -> dict[str, Any]:
+        scope = self.scope_of(record)
+        prov: dict[str, Any] = {
+            "tool": TOOL_NAME,
+            "version": __version__,
+            "endpoint": f"{self.settings.api_base_url}/organization/usage/completions",
+            "scope": {**scope.to_json(), "framework": record.framework},
+            "window_source": record.window_source,
+        }
+        if fetched.result is not None:
+            prov["query"] = fetched.result.params
+            prov["requests"] = fetched.result.requests
+        return prov
+
+    async def _settle(
+        self, result: PollResult, policy: Policy, now: datetime, dry_run: bool
+    ) -> RunOutcome:
+        entry = result.entry
+        record = _record(entry)
+        window = record.window
+        query_window = {
+            "start": window.start,
+            "end": window.end,
+            "start_iso": iso(datetime.fromtimestamp(window.start, UTC)),
+            "end_iso": iso(datetime.fromtimestamp(window.end, UTC)),
+            "grace_seconds": self.grace,
+        }
+        share = result.share
+        attempt: dict[str, Any] = {"timestamp": iso(now)}
+        if share is None:
+            new = AttemptRecord(now, None, None, result.fetched.error)
+            attempt.update(
+                {
+                    "total_tokens_in": None,
+                    "total_tokens_out": None,
+                    "total_api_calls": None,
+                    "total_cached_tokens": None,
+                    "query_window": query_window,
+                    "error": result.fetched.error,
+                }
+            )
+            verdict = decide(
+                record.attempts,
+                new,
+                previous_status=record.status,
+                run_end=record.end,
+                policy=policy,
+            )
+            attempt["status"] = verdict.status.value
+            patch = Patch(verdict, attempt, now, self._provenance(record, result.fetched))
+            written = await self._write(entry, patch, dry_run)
+            log.warning(
+                "run.attempt_failed",
+                run_id=record.run_id,
+                framework=record.framework,
+                status=verdict.status.value,
+                error=result.fetched.error,
+            )
+            return replace(
+                _outcome(
+                    entry,
+                    verdict.status.value,
+                    verdict.message,
+                    next_due=verdict.next_due,
+                    polled=True,
+                    written=written,
+                    failed=True,
+                ),
+                attempts=len(record.attempts) + 1,
+            )
+
+        usage = share.usage
+        totals = Totals.of(usage)
+        fp = fingerprint(share.per_minute)
+        new = AttemptRecord(now, totals, fp, None)
+        verdict = decide(
+            record.attempts,
+            new,
+            previous_status=record.status,
+            run_end=record.end,
+            policy=policy,
+            apportioned_fraction=share.apportioned_fraction,
+            written=record.written,
+        )
+        steps_with_tokens = sum(1 for v in result.step_values.values() if not v.is_empty)
+        attempt.update(
+            {
+                "total_tokens_in": totals.tokens_in,
+                "total_tokens_out": totals.tokens_out,
+                "total_api_calls": totals.api_calls,
+                "total_cached_tokens": totals.cached,
+                "query_window": query_window,
+                "fingerprint": fp,
+                "status": verdict.status.value,
+                "exact_tokens": share.exact.total_tokens,
+                "apportioned_tokens": share.apportioned.total_tokens,
+                "steps_with_tokens": steps_with_tokens,
+                "total_steps": len(record.steps),
+                "error": None,
+            }
+        )
+        attribution = {
+            "exact": share.exact.present(),
+            "apportioned": share.apportioned.present(),
+            "apportioned_fraction": round(share.apportioned_fraction, 6),
+            "tolerance": policy.apportion_tolerance,
+            "minutes": len(share.per_minute),
+            "shared_minutes": len(share.shared_with),
+            "models": {m: u.present() for m, u in sorted(share.models.items())},
+        }
+        if record.steps:
+            attribution["steps_unattributed"] = result.step_unowned.present()
+        patch = Patch(
+            verdict,
+            attempt,
+            now,
+            self._provenance(record, result.fetched),
+            totals=usage,
+            step_values=result.step_values,
+            extra_block={
+                "steps_with_tokens": steps_with_tokens,
+                "total_steps": len(record.steps),
+                "attribution": attribution,
+                "overlaps": result.overlaps,
+            },
+        )
+        written = await self._write(entry, patch, dry_run)
+        if not dry_run and verdict.writes_tokens:
+            self._manifest(record, verdict, usage, now)
+        changed = verdict.status != record.status
+        (log.info if changed or verdict.writes_tokens else log.debug)(
+            "run.polled",
+            run_id=record.run_id,
+            framework=record.framework,
+            status=verdict.status.value,
+            previous=record.status.value if record.status else None,
+            tokens_in=totals.tokens_in,
+            tokens_out=totals.tokens_out,
+            api_calls=totals.api_calls,
+            attempt=len(record.attempts) + 1,
+            apportioned=round(share.apportioned_fraction, 4),
+            written=written,
+        )
+        return replace(
+            _outcome(
+                entry,
+                verdict.status.value,
+                verdict.message,
+                next_due=verdict.next_due,
+                totals=usage,
+                polled=True,
+                written=written,
+                apportioned_fraction=share.apportioned_fraction,
+            ),
+            attempts=len(record.attempts) + 1,
+        )
+
+    async def _expire(
+        self, entry: Loaded, policy: Policy, now: datetime, dry_run: bool
+    ) -> RunOutcome:
+        record = _record(entry)
+        verdict = Verdict(
+            Status.EXPIRED,
+            f"max age ({format_duration(policy.max_age)}) passed without verification; "
+            "token fields untouched",
+            None,
+        )
+        patch = Patch(verdict, {}, now, {"tool": TOOL_NAME, "version": __version__})
+        written = await self._write(entry, patch, dry_run, append_attempt=False)
+        if not dry_run:
+            self._manifest(record, verdict, None, now)
+        log.info("run.expired", run_id=record.run_id, framework=record.framework, written=written)
+        return _outcome(entry, Status.EXPIRED.value, verdict.message, written=written)
+
+    async def _write(
+        self, entry: Loaded, patch: Patch, dry_run: bool, *, append_attempt: bool = True
+    ) -> bool:
+        if dry_run:
+            return False
+        record = _record(entry)
+
+        def transform(raw: bytes) -> bytes | None:
+            # The file may have been changed by its writer since we read it: re-read it,
+            # and give up (the next pass sees the new content) if its window moved.
+            try:
+                current = parse_run(raw, record.path, record.framework, self.grace)
+            except RunFileError:
+                return None
+            if current.window != record.window:
+                return None
+            doc = load_document(raw)
+            return detect_style(raw).dumps(apply_patch(doc, patch, current.steps, append_attempt))
+
+        try:
+            result = await asyncio.to_thread(rewrite, record.path, transform, first=entry.snapshot)
+        except (ConflictError, OSError) as exc:
+            log.warning("run.write_failed", path=str(record.path), error=str(exc))
+            return False
+        return result.written
+
+    def _manifest(
+        self, record: RunRecord, verdict: Verdict, usage: Usage | None, now: datetime
+    ) -> None:
+        manifest = find_manifest(record.path)
+        if manifest is None:
+            return
+        update = ManifestUpdate(
+            run_id=record.run_id,
+            framework=record.framework,
+            status=verdict.status.value,
+            tokens_in=usage.input_tokens if usage is not None else None,
+            tokens_out=usage.output_tokens if usage is not None else None,
+            now=now,
+        )
+        try:
+            update_manifest(manifest, update)
+        except (OSError, ValueError) as exc:
+            log.warning("manifest.update_failed", path=str(manifest), error=str(exc))
+
+
+def _overlaps(share: Share, names: dict[str, RunRecord]) -> list[dict[str, Any]]:
+    by_other: dict[str, list[int]] = defaultdict(list)
+    for minute, keys in sorted(share.shared_with.items()):
+        for key in keys:
+            by_other[key].append(minute)
+    out: list[dict[str, Any]] = []
+    for key, minutes in sorted(by_other.items()):
+        other = names.get(key)
+        out.append(
+            {
+                "run_id": other.run_id if other else None,
+                "framework": other.framework if other else None,
+                "path": key,
+                "minutes": [iso(datetime.fromtimestamp(m, UTC)) for m in minutes],
+            }
+        )
+    return out

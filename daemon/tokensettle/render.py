@@ -1,0 +1,124 @@
+"""Human and JSON renderings of `list` and `reconcile` results. Pure: strings in, out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from tokensettle.reconcile import BatchReport, RunOutcome
+from tokensettle.runfile import iso
+
+
+def human_age(td: timedelta | None) -> str:
+    if td is None:
+        return "-"
+    seconds = int(td.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 3600:
+        return f"{sign}{seconds // 60}m"
+    if seconds < 86400:
+        return f"{sign}{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{sign}{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+
+
+def _tokens(o: RunOutcome) -> str:
+    if o.totals is None:
+        return "-"
+    return f"{o.totals.input_tokens:,} in / {o.totals.output_tokens:,} out"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def counts_line(outcomes: Sequence[RunOutcome]) -> str:
+    counts = Counter(o.state for o in outcomes)
+    if not counts:
+        return "no runs"
+    return ", ".join(
+        f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+
+
+def outcome_json(o: RunOutcome, now: datetime) -> dict[str, Any]:
+    age = o.age(now)
+    return {
+        "framework": o.framework,
+        "run_id": o.run_id,
+        "path": str(o.path),
+        "status": o.state,
+        "message": o.message,
+        "attempts": o.attempts,
+        "age_seconds": int(age.total_seconds()) if age is not None else None,
+        "run_end": iso(o.run_end) if o.run_end else None,
+        "next_due": iso(o.next_due) if o.next_due else None,
+        "polled": o.polled,
+        "written": o.written,
+        "totals": o.totals.present() if o.totals is not None else None,
+        "apportioned_fraction": round(o.apportioned_fraction, 6),
+    }
+
+
+def report_json(report: BatchReport, now: datetime) -> dict[str, Any]:
+    return {
+        "at": iso(now),
+        "dry_run": report.dry_run,
+        "requests": report.requests,
+        "windows": [
+            {"start": i.start, "end": i.end, "minutes": i.minutes} for i in report.intervals
+        ],
+        "auth_error": report.auth_error,
+        "counts": report.counts(),
+        "runs": [outcome_json(o, now) for o in report.outcomes],
+    }
+
+
+def report_human(report: BatchReport, now: datetime) -> str:
+    polled = [o for o in report.outcomes if o.polled]
+    head = (
+        f"{'[dry run] ' if report.dry_run else ''}polled {len(polled)} run(s) with "
+        f"{report.requests} API request(s) over {len(report.intervals)} window(s)"
+    )
+    lines = [head]
+    shown = [o for o in report.outcomes if o.polled or o.state in ("error", "skipped", "expired")]
+    if shown:
+        rows = [
+            [o.framework, o.run_id or o.path.parent.name, o.state, _tokens(o), o.message]
+            for o in sorted(shown, key=lambda o: (o.framework, o.run_id or ""))
+        ]
+        lines += ["", table(["FRAMEWORK", "RUN", "STATUS", "TOKENS", "DETAIL"], rows)]
+    lines += ["", f"summary: {counts_line(report.outcomes)}"]
+    if report.auth_error:
+        lines.append(f"authentication failed, nothing was written: {report.auth_error}")
+    return "\n".join(lines)
+
+
+def list_human(outcomes: Sequence[RunOutcome], now: datetime) -> str:
+    if not outcomes:
+        return "no runs to show (use --all to include settled runs)"
+    rows = [
+        [
+            o.framework,
+            o.run_id or o.path.parent.name,
+            human_age(o.age(now)),
+            o.state,
+            str(o.attempts),
+            ("now" if o.next_due is not None and o.next_due <= now else human_age(o.next_due - now))
+            if o.next_due is not None
+            else "-",
+            o.message,
+        ]
+        for o in sorted(outcomes, key=lambda o: (o.framework, o.run_end or now))
+    ]
+    body = table(["FRAMEWORK", "RUN", "AGE", "STATUS", "ATTEMPTS", "NEXT", "DETAIL"], rows)
+    return f"{body}\n\nsummary: {counts_line(outcomes)}"

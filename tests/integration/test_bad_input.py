@@ -1,0 +1,265 @@
+"""Bad input loses nothing: each bad file is left byte-identical with a one-line reason,
+and the good runs beside it are settled."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import FakeClock
+from tests.support.runs import SimControl, settings_for, virtual_request, write_run
+from tokensettle.atomic import MAX_FILE_BYTES
+from tokensettle.reconcile import Reconciler, Selection
+from tokensettle.simulator.server import SIMULATOR_ADMIN_KEY, RunningSimulator
+from tokensettle.usage_api import RetryPolicy, UsageClient
+
+BAD_FILES: dict[str, bytes] = {
+    "malformed": b'{"run_id": "x", "steps": [',
+    "empty": b"",
+    "array": b"[1, 2, 3]",
+    "wrong-types": json.dumps({"run_id": "w", "steps": "six of them"}).encode(),
+    "no-timestamps": json.dumps({"run_id": "n", "steps": [{"step_number": 1}]}).encode(),
+    "bad-timestamp": json.dumps(
+        {"run_id": "b", "steps": [{"start_timestamp": "yesterday", "end_timestamp": 5}]}
+    ).encode(),
+    "millis": json.dumps(
+        {
+            "run_id": "m",
+            "steps": [{"start_timestamp": 1760870369000, "end_timestamp": 1760870426000}],
+        }
+    ).encode(),
+    "agg-not-object": json.dumps(
+        {
+            "run_id": "a",
+            "start_timestamp": "2025-10-19T10:39:29Z",
+            "end_timestamp": "2025-10-19T10:41:18Z",
+            "aggregate_metrics": [0, 0],
+        }
+    ).encode(),
+}
+REASONS = {
+    "malformed": "not valid JSON",
+    "empty": "empty",
+    "array": "JSON list",
+    "wrong-types": "'steps' is str",
+    "no-timestamps": "no run window",
+    "bad-timestamp": "not ISO 8601",
+    "millis": "not a plausible Unix time",
+    "agg-not-object": "'aggregate_metrics' is list",
+    "huge": "over the",
+    "symlink-out": "symlink",
+}
+
+
+def _client(sim: RunningSimulator, session: aiohttp.ClientSession, **kw: object) -> UsageClient:
+    return UsageClient(
+        base_url=sim.base_url,
+        admin_key=SIMULATOR_ADMIN_KEY,
+        session=session,
+        retry=RetryPolicy(attempts=2, base=0.01),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def test_bad_files_untouched_good_runs_settled(
+    tmp_path: Path,
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    control: SimControl,
+    clock: FakeClock,
+) -> None:
+    root = tmp_path / "runs"
+    end = clock.now.timestamp() - 3600
+    good = write_run(root, "baes", "good", [(end - 100, end - 50), (end - 49, end)])
+    await control.add([virtual_request(end - 60, "baes", 1000, 200, 2, 128)])
+    bad: dict[str, Path] = {}
+    for name, raw in BAD_FILES.items():
+        path = root / "baes" / name / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(raw)
+        bad[name] = path
+    huge = root / "baes" / "huge" / "metrics.json"
+    huge.parent.mkdir(parents=True)
+    huge.write_bytes(b'{"run_id": "huge", "pad": "' + b"x" * MAX_FILE_BYTES + b'"}')
+    bad["huge"] = huge
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(
+        json.dumps({"run_id": "evil", "start_timestamp": end - 10, "end_timestamp": end})
+    )
+    link = root / "baes" / "symlink-out" / "metrics.json"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    bad["symlink-out"] = link
+    # A symlinked directory pointing outside the root is not even entered.
+    (root / "ghspec").mkdir()
+    (tmp_path / "outside-run").mkdir()
+    (tmp_path / "outside-run" / "metrics.json").write_bytes(outside.read_bytes())
+    (root / "ghspec" / "linked-dir").symlink_to(tmp_path / "outside-run")
+
+    before = {name: os.lstat(p).st_mtime_ns for name, p in bad.items()}
+    raw_before = {name: p.read_bytes() for name, p in bad.items() if name != "symlink-out"}
+    outside_before = outside.read_bytes()
+
+    settings = settings_for(
+        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
+    )
+    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    report = await reconciler.run_once()
+    clock.advance(minutes=2)
+    report2 = await reconciler.run_once()
+
+    by_dir = {o.path.parent.name: o for o in report.outcomes}
+    for name, reason in REASONS.items():
+        outcome = by_dir[name]
+        assert outcome.state in ("error", "skipped"), name
+        assert reason in outcome.message, (name, outcome.message)
+        assert "\n" not in outcome.message
+    assert report.failed  # error files make the one-shot command exit 1
+    for name, raw in raw_before.items():
+        assert bad[name].read_bytes() == raw, name
+    assert {name: os.lstat(p).st_mtime_ns for name, p in bad.items()} == before
+    assert outside.read_bytes() == outside_before
+    assert "linked-dir" not in by_dir
+
+    assert {o.state for o in report2.outcomes if o.path == good} == {"verified"}
+    agg = json.loads(good.read_text())["aggregate_metrics"]
+    assert (agg["TOK_IN"], agg["TOK_OUT"], agg["API_CALLS"], agg["CACHED_TOKENS"]) == (
+        1000,
+        200,
+        2,
+        128,
+    )
+
+
+async def test_failed_requests_never_become_zero(
+    tmp_path: Path,
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    control: SimControl,
+    clock: FakeClock,
+) -> None:
+    root = tmp_path / "runs"
+    end = clock.now.timestamp() - 3600
+    path = write_run(root, "chatdev", "r1", [(end - 300, end)])
+    await control.add([virtual_request(end - 10, "chatdev", 5000, 700, 3)])
+    settings = settings_for(
+        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
+    )
+    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+
+    await control.faults({"kind": "500"}, {"kind": "503"})  # both tries of the one request
+    report = await reconciler.run_once()
+    (outcome,) = report.outcomes
+    assert outcome.failed and outcome.state == "pending" and outcome.totals is None
+    doc = json.loads(path.read_text())
+    assert doc["aggregate_metrics"]["TOK_IN"] == 0  # untouched, not "0 from the API"
+    attempt = doc["usage_api_reconciliation"]["attempts"][-1]
+    assert attempt["total_tokens_in"] is None
+    assert "503" in attempt["error"]  # the last try's failure is what is recorded
+
+    clock.advance(minutes=3)
+    await control.faults({"kind": "bad_json"}, {"kind": "bad_json"})
+    report = await reconciler.run_once()
+    assert report.outcomes[0].failed
+    # Two good polls after the failures: the failures neither broke nor advanced the chain.
+    clock.advance(minutes=5)
+    assert (await reconciler.run_once()).outcomes[0].state == "pending"
+    clock.advance(minutes=2)
+    assert (await reconciler.run_once()).outcomes[0].state == "verified"
+    doc = json.loads(path.read_text())
+    assert doc["aggregate_metrics"]["TOK_IN"] == 5000
+    statuses = [a["status"] for a in doc["usage_api_reconciliation"]["attempts"]]
+    assert statuses == ["pending", "pending", "pending", "verified"]
+
+
+async def test_lower_total_never_overwrites_higher(
+    tmp_path: Path,
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    control: SimControl,
+    clock: FakeClock,
+) -> None:
+    root = tmp_path / "runs"
+    end = clock.now.timestamp() - 3600
+    path = write_run(root, "ghspec", "r1", [(end - 300, end)])
+    await control.add(
+        [
+            virtual_request(end - 100, "ghspec", 9000, 900, 4),
+            virtual_request(end - 10, "ghspec", 1000, 100, 1),
+        ]
+    )
+    settings = settings_for(
+        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
+    )
+    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    await reconciler.run_once()
+    clock.advance(minutes=2)
+    assert (await reconciler.run_once()).outcomes[0].state == "verified"
+
+    # The provider now reports less (one request vanished): a forced re-check warns.
+    await control.reset()
+    await control.add([virtual_request(end - 10, "ghspec", 1000, 100, 1)])
+    clock.advance(minutes=2)
+    for _ in range(3):
+        report = await reconciler.run_once(Selection(force=True))
+        assert report.outcomes[0].state == "warning", report.outcomes[0].message
+        clock.advance(minutes=2)
+    doc = json.loads(path.read_text())
+    assert doc["aggregate_metrics"]["TOK_IN"] == 10000
+    assert doc["usage_api_reconciliation"]["total_tokens_in"] == 10000
+    assert "went down" in doc["usage_api_reconciliation"]["verification_message"]
+
+
+async def test_auth_failure_stops_everything_and_writes_nothing(
+    tmp_path: Path,
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    control: SimControl,
+    clock: FakeClock,
+) -> None:
+    root = tmp_path / "runs"
+    end = clock.now.timestamp() - 3600
+    path = write_run(root, "baes", "r1", [(end - 30, end)])
+    raw = path.read_bytes()
+    await control.keys(admin=[SIMULATOR_ADMIN_KEY], unscoped=["sk-proj-notadmin"])
+    settings = settings_for(root, sim.base_url, "sk-proj-notadmin", min_age="0s")
+    client = UsageClient(base_url=sim.base_url, admin_key="sk-proj-notadmin", session=session)
+    report = await Reconciler(settings, client, clock=clock).run_once()
+    assert report.auth_error is not None and "api.usage.read" in report.auth_error
+    assert "sk-proj-notadmin" not in report.auth_error
+    assert path.read_bytes() == raw
+    assert await control.usage_requests() == 1  # not retried
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o600])
+async def test_write_keeps_mode_and_formatting(
+    tmp_path: Path,
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    control: SimControl,
+    clock: FakeClock,
+    mode: int,
+) -> None:
+    root = tmp_path / "runs"
+    end = clock.now.timestamp() - 3600
+    path = write_run(root, "baes", "r1", [(end - 30, end)], extra={"note": "caf\u00e9 \u2705"})
+    # Re-save with 4-space indent, raw UTF-8 and a trailing newline: all must be kept.
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=4, ensure_ascii=False) + "\n")
+    path.chmod(mode)
+    await control.add([virtual_request(end - 5, "baes", 10, 5, 1)])
+    settings = settings_for(
+        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
+    )
+    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    await reconciler.run_once()
+    clock.advance(minutes=2)
+    assert (await reconciler.run_once()).outcomes[0].state == "verified"
+    text = path.read_text()
+    assert (path.stat().st_mode & 0o777) == mode
+    assert text.endswith("}\n") and '    "run_id"' in text and "caf\u00e9 \u2705" in text
+    assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n"
+    assert not [p for p in path.parent.iterdir() if p.name != "metrics.json"]  # no temp left
