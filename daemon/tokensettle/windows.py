@@ -96,30 +96,50 @@ def pages_for(minutes: int) -> int:
     return max(1, math.ceil(minutes / MAX_BUCKETS_PER_PAGE))
 
 
-def merge_windows(windows: Iterable[Interval]) -> list[Interval]:
-    """Merge windows into the fewest disjoint intervals that cost the fewest requests.
-
-    Overlapping or touching windows always merge. A gap between two windows is bridged
-    when that saves a request (the bridged interval needs fewer pages than the two apart),
-    so the result never costs more requests than fetching the windows one by one, and no
-    minute is fetched twice.
-    """
-    ordered = sorted(windows)
-    merged: list[Interval] = []
-    for w in ordered:
-        if not merged:
-            merged.append(w)
-            continue
-        last = merged[-1]
-        if w.start <= last.end:
-            if w.end > last.end:
-                merged[-1] = Interval(last.start, w.end)
-            continue
-        bridged = Interval(last.start, w.end)
-        if pages_for(bridged.minutes) <= pages_for(last.minutes) + pages_for(w.minutes) - 1:
-            merged[-1] = bridged
+def _union(windows: Iterable[Interval]) -> list[Interval]:
+    """Overlapping or touching windows joined; the result is sorted and disjoint."""
+    out: list[Interval] = []
+    for w in sorted(windows):
+        if out and w.start <= out[-1].end:
+            if w.end > out[-1].end:
+                out[-1] = Interval(out[-1].start, w.end)
         else:
-            merged.append(w)
+            out.append(w)
+    return out
+
+
+def merge_windows(windows: Iterable[Interval]) -> list[Interval]:
+    """Merge windows into disjoint intervals that cost the fewest requests.
+
+    Overlapping or touching windows always join. Gaps between the joined windows are
+    bridged where that saves requests: a dynamic programme over the sorted windows picks
+    the grouping with the fewest pages, then the fewest minutes fetched. No minute is
+    fetched twice, and merging the result again changes nothing.
+    """
+    parts = _union(windows)
+    n = len(parts)
+    # best[j] = (pages, minutes, start index of the last group) for parts[:j]
+    best: list[tuple[int, int, int]] = [(0, 0, 0)]
+    for j in range(1, n + 1):
+        end = parts[j - 1].end
+        choice: tuple[int, int, int] | None = None
+        for i in range(j, 0, -1):
+            minutes = (end - parts[i - 1].start) // MINUTE
+            pages = pages_for(minutes)
+            if choice is not None and pages > choice[0]:
+                break  # spans only grow further left
+            cost = (best[i - 1][0] + pages, best[i - 1][1] + minutes, i - 1)
+            if choice is None or cost[:2] < choice[:2]:
+                choice = cost
+        assert choice is not None
+        best.append(choice)
+    merged: list[Interval] = []
+    j = n
+    while j > 0:
+        i = best[j][2]
+        merged.append(Interval(parts[i].start, parts[j - 1].end))
+        j = i
+    merged.reverse()
     return merged
 
 
