@@ -290,10 +290,14 @@ class JsonStyle:
 
 
 def detect_style(raw: bytes) -> JsonStyle:
-    """The json.dumps arguments that reproduce `raw` (exactly, for any file json.dumps wrote)."""
+    """The json.dumps arguments that reproduce `raw` (exactly, for any file json.dumps wrote).
+
+    The indent and newline are read off the text; the separators and ASCII escaping are
+    confirmed by re-serialising, since the text alone can mislead (a string may contain
+    ", " or ": "). A file no candidate reproduces keeps its detected indent.
+    """
     text = raw.decode("utf-8")
     trailing = text.endswith("\n")
-    ensure_ascii = not any(ord(c) > 127 for c in text)
     indent: int | str | None = None
     match = re.search(r"\n([ \t]+)\S", text)
     if match:
@@ -301,9 +305,22 @@ def detect_style(raw: bytes) -> JsonStyle:
         indent = len(ws) if set(ws) == {" "} else ws
     elif "\n" in text.strip():
         indent = 0
-    key_sep = ": " if re.search(r'"\s*:\s', text) else ":"
-    item_sep = ", " if indent is None and re.search(r",\s", text) else ","
-    return JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing)
+    ascii_first = not any(ord(c) > 127 for c in text)
+    default_item = "," if indent is not None else ", "
+    candidates = [
+        JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing)
+        for ensure_ascii in (ascii_first, not ascii_first)
+        for item_sep in (default_item, ", " if default_item == "," else ",")
+        for key_sep in (": ", ":")
+    ]
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return candidates[0]
+    for candidate in candidates:
+        if candidate.dumps(doc) == raw:
+            return candidate
+    return candidates[0]
 
 
 @dataclass(frozen=True)
