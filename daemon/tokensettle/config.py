@@ -64,6 +64,10 @@ class FrameworkScope(BaseModel):
 # The TOML file is chosen at run time (--config or TOKENSETTLE_CONFIG), so the source
 # reads its path from here rather than from class configuration.
 _toml_path: ContextVar[Path | None] = ContextVar("tokensettle_toml_path", default=None)
+# When a caller passes its own environment (the demo, tests), the process environment and
+# .env are not read at all; values come from that mapping instead.
+_isolated: ContextVar[bool] = ContextVar("tokensettle_isolated", default=False)
+ADMIN_KEY_ALIASES = (f"{ENV_PREFIX}ADMIN_KEY", "OPENAI_ADMIN_KEY", "OPENAI_API_KEY_USAGE_TRACKING")
 
 
 class Settings(BaseSettings):
@@ -81,12 +85,7 @@ class Settings(BaseSettings):
     api_base_url: str = DEFAULT_BASE_URL
     admin_key: SecretStr | None = Field(
         default=None,
-        validation_alias=AliasChoices(
-            "admin_key",
-            f"{ENV_PREFIX}ADMIN_KEY",
-            "OPENAI_ADMIN_KEY",
-            "OPENAI_API_KEY_USAGE_TRACKING",
-        ),
+        validation_alias=AliasChoices("admin_key", *ADMIN_KEY_ALIASES),
     )
     min_age: Duration = timedelta(minutes=30)
     max_age: Duration = timedelta(hours=24)
@@ -140,12 +139,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [
-            init_settings,
-            env_settings,
-            dotenv_settings,
-            file_secret_settings,
-        ]
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if not _isolated.get():
+            sources += [env_settings, dotenv_settings, file_secret_settings]
         path = _toml_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
@@ -190,21 +186,43 @@ def _describe(exc: ValidationError) -> _ErrorLine:
     return _ErrorLine(where, message)
 
 
+def _values_from(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings named in an explicit environment mapping (`TOKENSETTLE_<NAME>`, key aliases)."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        if name == "admin_key":
+            continue
+        raw = environ.get(f"{ENV_PREFIX}{name.upper()}")
+        if raw is not None and raw != "":
+            values[name] = raw
+    for alias in ADMIN_KEY_ALIASES:
+        if environ.get(alias):
+            values["admin_key"] = environ[alias]
+            break
+    return values
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build settings from every source. Raises ConfigError with one line on a bad value."""
+    """Build settings from every source. Raises ConfigError with one line on a bad value.
+
+    With `environ`, that mapping replaces the process environment and `.env` entirely.
+    """
     env = os.environ if environ is None else environ
     init = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if environ is not None:
+        init = {**_values_from(environ), **init}
     path = config_file or (
         Path(env[f"{ENV_PREFIX}CONFIG"]) if env.get(f"{ENV_PREFIX}CONFIG") else None
     )
     if path is not None and not path.is_file():
         raise ConfigError(f"config ({ENV_PREFIX}CONFIG): file {path} does not exist")
     token = _toml_path.set(path)
+    isolated = _isolated.set(environ is not None)
     try:
         settings = Settings(**init)
     except ValidationError as exc:
@@ -214,10 +232,16 @@ def load_settings(
         raise ConfigError(f"config ({path}): {exc}") from None
     finally:
         _toml_path.reset(token)
+        _isolated.reset(isolated)
+    merged: dict[str, FrameworkScope] = {}
+    for name, fw_scope in settings.frameworks.items():
+        into = merged.setdefault(name.lower(), FrameworkScope())
+        into.api_key_ids = sorted(set(into.api_key_ids) | set(fw_scope.api_key_ids))
+        into.project_ids = sorted(set(into.project_ids) | set(fw_scope.project_ids))
     for fw, ids in frameworks_from_env(env).items():
-        scope = settings.frameworks.setdefault(fw, FrameworkScope())
+        scope = merged.setdefault(fw, FrameworkScope())
         scope.api_key_ids = sorted(set(scope.api_key_ids) | set(ids))
-    settings.frameworks = {k.lower(): v for k, v in settings.frameworks.items()}
+    settings.frameworks = merged
     if path is not None:
         settings.config = path
     return settings
