@@ -1,0 +1,201 @@
+"""Usage: exact additive counters, and parsing of Usage API result objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensettle.usage import (
+    ALL_FIELDS,
+    OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    Scope,
+    Usage,
+    UsageRow,
+    UsageRowError,
+    usage_from_result,
+)
+
+counts = st.integers(min_value=0, max_value=10**9)
+
+
+@st.composite
+def usages(draw: st.DrawFn) -> Usage:
+    values: dict[str, int | None] = {name: draw(counts) for name in REQUIRED_FIELDS}
+    for name in OPTIONAL_FIELDS:
+        values[name] = draw(st.none() | counts)
+    return Usage(**values)  # type: ignore[arg-type]
+
+
+def _field_sum(items: list[Usage], name: str) -> int | None:
+    present = [getattr(u, name) for u in items if getattr(u, name) is not None]
+    return sum(present) if present else None
+
+
+@settings(max_examples=60)
+@given(usages(), usages())
+def test_addition_is_commutative(a: Usage, b: Usage) -> None:
+    assert a + b == b + a
+
+
+@settings(max_examples=60)
+@given(usages(), usages(), usages())
+def test_addition_is_associative(a: Usage, b: Usage, c: Usage) -> None:
+    assert (a + b) + c == a + (b + c)
+
+
+@settings(max_examples=40)
+@given(st.lists(usages(), max_size=5))
+def test_total_is_field_wise_sum_and_none_only_when_absent_everywhere(items: list[Usage]) -> None:
+    total = Usage.total(items)
+    for name in REQUIRED_FIELDS:
+        assert getattr(total, name) == sum(getattr(u, name) for u in items)
+    for name in OPTIONAL_FIELDS:
+        assert getattr(total, name) == _field_sum(items, name)
+
+
+@settings(max_examples=40)
+@given(usages())
+def test_empty_usage_is_the_identity(a: Usage) -> None:
+    assert a + Usage() == a
+    assert Usage() + a == a
+
+
+def test_none_plus_value_keeps_value_and_none_plus_none_stays_none() -> None:
+    a = Usage(input_tokens=5, input_cached_tokens=None, output_audio_tokens=None)
+    b = Usage(input_tokens=7, input_cached_tokens=3, output_audio_tokens=None)
+    s = a + b
+    assert s.input_tokens == 12
+    assert s.input_cached_tokens == 3
+    assert s.output_audio_tokens is None
+
+
+def test_zero_optional_is_not_none() -> None:
+    s = Usage(input_cached_tokens=0) + Usage()
+    assert s.input_cached_tokens == 0
+    assert "input_cached_tokens" in s.present()
+
+
+def test_cached_tokens_and_total_tokens() -> None:
+    assert Usage(input_tokens=10, output_tokens=4).cached_tokens == 0
+    u = Usage(input_tokens=10, output_tokens=4, input_cached_tokens=6)
+    assert u.cached_tokens == 6
+    assert u.total_tokens == 14
+    assert not u.is_empty
+    assert Usage().is_empty
+    assert not Usage(num_model_requests=1).is_empty
+
+
+@settings(max_examples=40)
+@given(usages())
+def test_present_lists_required_fields_and_only_present_optional_ones(u: Usage) -> None:
+    out = u.present()
+    for name in REQUIRED_FIELDS:
+        assert out[name] == getattr(u, name)
+    for name in OPTIONAL_FIELDS:
+        assert (name in out) == (getattr(u, name) is not None)
+    assert Usage.from_fields(out) == u
+
+
+# ------------------------------------------------------------------ usage_from_result
+
+
+def _result(**extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "object": "organization.usage.completions.result",
+        "input_tokens": 1200,
+        "output_tokens": 300,
+        "num_model_requests": 4,
+        "input_cached_tokens": 256,
+        "api_key_id": None,
+        "project_id": None,
+        "model": None,
+        "batch": None,
+    }
+    base.update(extra)
+    return base
+
+
+def test_usage_from_result_reads_counters_and_ignores_unknown_keys() -> None:
+    u = usage_from_result(_result(some_new_field="x", input_audio_tokens=0))
+    assert u.input_tokens == 1200
+    assert u.output_tokens == 300
+    assert u.num_model_requests == 4
+    assert u.input_cached_tokens == 256
+    assert u.input_audio_tokens == 0
+    assert u.output_audio_tokens is None
+
+
+def test_usage_from_result_optional_null_is_none() -> None:
+    u = usage_from_result(_result(input_cached_tokens=None))
+    assert u.input_cached_tokens is None
+
+
+@pytest.mark.parametrize("name", REQUIRED_FIELDS)
+def test_usage_from_result_rejects_missing_required_field(name: str) -> None:
+    result = _result()
+    del result[name]
+    with pytest.raises(UsageRowError, match=name):
+        usage_from_result(result)
+
+
+@pytest.mark.parametrize("name", REQUIRED_FIELDS)
+def test_usage_from_result_rejects_null_required_field(name: str) -> None:
+    with pytest.raises(UsageRowError, match=name):
+        usage_from_result(_result(**{name: None}))
+
+
+@pytest.mark.parametrize("name", ALL_FIELDS)
+@pytest.mark.parametrize("bad", [1.0, 12.5, True, False, "12", [1], -1])
+def test_usage_from_result_rejects_floats_booleans_strings_negatives(
+    name: str, bad: object
+) -> None:
+    with pytest.raises(UsageRowError, match=name):
+        usage_from_result(_result(**{name: bad}))
+
+
+@settings(max_examples=40)
+@given(usages())
+def test_usage_from_result_round_trips_present(u: Usage) -> None:
+    assert usage_from_result(u.present()) == u
+
+
+# ------------------------------------------------------------------ Scope
+
+
+def _row(key: str | None, project: str | None) -> UsageRow:
+    return UsageRow(minute=0, usage=Usage(input_tokens=1), api_key_id=key, project_id=project)
+
+
+def test_empty_scope_is_the_organisation_and_matches_everything() -> None:
+    scope = Scope()
+    assert scope.is_organisation
+    assert scope.to_json()["organisation_wide"] is True
+    for key in ("key_a", None):
+        for project in ("proj_a", None):
+            assert scope.matches(_row(key, project))
+
+
+def test_scope_dimensions_are_anded() -> None:
+    scope = Scope(frozenset({"key_a"}), frozenset({"proj_a"}))
+    assert not scope.is_organisation
+    assert scope.matches(_row("key_a", "proj_a"))
+    assert not scope.matches(_row("key_a", "proj_b"))
+    assert not scope.matches(_row("key_b", "proj_a"))
+    assert not scope.matches(_row(None, "proj_a"))
+    assert not scope.matches(_row("key_a", None))
+
+
+def test_scope_with_one_dimension_ignores_the_other() -> None:
+    scope = Scope(api_key_ids=frozenset({"key_a", "key_b"}))
+    assert scope.matches(_row("key_b", "anything"))
+    assert scope.matches(_row("key_a", None))
+    assert not scope.matches(_row("key_c", "anything"))
+    assert scope.to_json() == {
+        "api_key_ids": ["key_a", "key_b"],
+        "project_ids": [],
+        "organisation_wide": False,
+    }
