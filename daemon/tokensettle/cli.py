@@ -1,4 +1,4 @@
-"""Command line: `list`, `reconcile`, `simulate`, `demo`.
+"""Command line: `run`, `list`, `reconcile`, `simulate`, `demo`, `doctor`.
 
 Exit codes (stable, scripts rely on them): 0 ok, 1 some runs failed, 2 usage or config
 error, 3 authentication or scope error.
@@ -19,6 +19,7 @@ import aiohttp
 
 from tokensettle import __version__
 from tokensettle.config import ConfigError, Settings, load_settings
+from tokensettle.daemon import run_daemon
 from tokensettle.demo import run_demo
 from tokensettle.durations import parse_cli_duration
 from tokensettle.logs import configure
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tokensettle", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"tokensettle {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("run", parents=[common], help="the daemon: watch, wait, poll, write")
 
     p_list = sub.add_parser("list", parents=[common], help="show pending runs")
     p_list.add_argument("framework", nargs="?")
@@ -158,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command == "run":
+            return run_daemon({"runs_dirs": args.runs_dirs}, args.config)
         if args.command == "list":
             return _list(args)
         if args.command == "reconcile":

@@ -29,6 +29,7 @@ from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
+    SecretsSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
@@ -94,11 +95,12 @@ class Settings(BaseSettings):
     window_grace: Duration = timedelta(minutes=1)
     settle_delay: Duration = timedelta(seconds=2)
     rescan_interval: Duration = timedelta(minutes=10)
-    tick: Duration = timedelta(seconds=5)
+    tick: Duration = timedelta(minutes=1)
     max_backoff: Duration = timedelta(minutes=30)
     request_timeout: Duration = timedelta(seconds=30)
     retry_delay: Duration = timedelta(minutes=2)
     watch_mode: Literal["auto", "inotify", "poll"] = "auto"
+    poll_interval: Duration = timedelta(seconds=10)
     rate_limit_per_min: float = Field(default=30.0, gt=0)
     request_attempts: int = Field(default=5, ge=1, le=20)
     apportion_tolerance: float = Field(default=0.01, ge=0, le=1)
@@ -141,7 +143,10 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings]
         if not _isolated.get():
-            sources += [env_settings, dotenv_settings, file_secret_settings]
+            sources += [env_settings, dotenv_settings]
+            secret_dirs = [d for d in secrets_dirs() if d.is_dir()]
+            if secret_dirs:
+                sources.append(SecretsSettingsSource(settings_cls, secrets_dir=secret_dirs))
         path = _toml_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
@@ -153,6 +158,14 @@ class Settings(BaseSettings):
 
     def secret_key(self) -> str | None:
         return self.admin_key.get_secret_value() if self.admin_key is not None else None
+
+
+def secrets_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """Where one-file-per-setting secrets may live (a file named `admin_key`): systemd's
+    `$CREDENTIALS_DIRECTORY` (LoadCredential=) and Docker's `/run/secrets`."""
+    env = os.environ if environ is None else environ
+    dirs = [Path(env["CREDENTIALS_DIRECTORY"])] if env.get("CREDENTIALS_DIRECTORY") else []
+    return [*dirs, Path("/run/secrets")]
 
 
 _FW_KEY_ENV = re.compile(r"^OPENAI_API_KEY_(?P<fw>[A-Za-z0-9_]+)_ID$")

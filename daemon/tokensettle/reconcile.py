@@ -56,7 +56,7 @@ from tokensettle.stability import (
 )
 from tokensettle.usage import Scope, Usage, UsageRow
 from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
-from tokensettle.windows import Interval, merge_windows
+from tokensettle.windows import Activity, Interval, merge_windows
 
 log = structlog.get_logger("tokensettle.reconcile")
 
@@ -295,6 +295,20 @@ class PollResult:
     overlaps: list[dict[str, Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class RunRef:
+    """What attribution needs to know of a run that may own minutes: where and when."""
+
+    path: Path
+    framework: str
+    run_id: str
+    activity: Activity
+
+    @staticmethod
+    def of(record: RunRecord) -> RunRef:
+        return RunRef(record.path, record.framework, record.run_id, record.activity)
+
+
 def _record(entry: Loaded) -> RunRecord:
     assert entry.record is not None
     return entry.record
@@ -311,14 +325,16 @@ class Reconciler:
         *,
         clock: Callable[[], datetime] = utcnow,
         policy: Policy | None = None,
+        on_written: Callable[[Path, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.clock = clock
         self.policy = policy or policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
+        self.on_written = on_written
 
-    def scope_of(self, record: RunRecord) -> Scope:
+    def scope_of(self, record: RunRecord | RunRef) -> Scope:
         return self.settings.scope_for(record.framework)
 
     def survey(self) -> list[Loaded]:
@@ -332,8 +348,20 @@ class Reconciler:
     async def run_once(
         self, selection: Selection = Selection(), *, dry_run: bool = False
     ) -> BatchReport:
+        """Survey the roots and make one attempt for every due run (the cron command)."""
+        return await self.run_batch(self.survey(), selection, dry_run=dry_run)
+
+    async def run_batch(
+        self,
+        loaded: Sequence[Loaded],
+        selection: Selection = Selection(),
+        *,
+        dry_run: bool = False,
+        extra_owners: Sequence[RunRef] = (),
+    ) -> BatchReport:
+        """One attempt for every due run of `loaded`. Minutes are shared with every run of
+        `loaded` and with `extra_owners` (settled runs the caller keeps elsewhere)."""
         now = self.clock()
-        loaded = self.survey()
         policy = self.policy
         if selection.force:
             policy = replace(policy, max_age=timedelta(days=36500))
@@ -347,7 +375,9 @@ class Reconciler:
         for entry in the_plan.expire:
             report.outcomes.append(await self._expire(entry, policy, now, dry_run))
         if the_plan.due:
-            owners = [e for e in loaded if e.record is not None]
+            owners = [RunRef.of(e.record) for e in loaded if e.record is not None]
+            known = {o.path for o in owners}
+            owners += [o for o in extra_owners if o.path not in known]
             try:
                 results = await self.poll(the_plan.due, owners, report)
             except AuthError as exc:
@@ -359,7 +389,7 @@ class Reconciler:
         return report
 
     async def poll(
-        self, due: Sequence[Loaded], owners: Sequence[Loaded], report: BatchReport
+        self, due: Sequence[Loaded], owners: Sequence[RunRef], report: BatchReport
     ) -> list[PollResult]:
         """Fetch the merged windows of `due` once each and share the rows out."""
         if self.client is None:
@@ -401,11 +431,11 @@ class Reconciler:
 
         fetched_ok = [f.interval for f in fetched.values() if f.result is not None]
         owner_list = [
-            Owner(str(_record(e).path), _record(e).activity, self.scope_of(_record(e)))
-            for e in owners
-            if any(_record(e).window.overlaps(i) for i in fetched_ok)
+            Owner(str(o.path), o.activity, self.scope_of(o))
+            for o in owners
+            if any(o.activity.window.overlaps(i) for i in fetched_ok)
         ]
-        names = {str(_record(e).path): _record(e) for e in owners}
+        names = {str(o.path): o for o in owners}
         shares = attribute(rows, owner_list)
 
         results: list[PollResult] = []
@@ -631,6 +661,8 @@ class Reconciler:
         except (ConflictError, OSError) as exc:
             log.warning("run.write_failed", path=str(record.path), error=str(exc))
             return False
+        if result.written and self.on_written is not None:
+            self.on_written(record.path, result.raw)
         return result.written
 
     def _manifest(
@@ -653,7 +685,7 @@ class Reconciler:
             log.warning("manifest.update_failed", path=str(manifest), error=str(exc))
 
 
-def _overlaps(share: Share, names: dict[str, RunRecord]) -> list[dict[str, Any]]:
+def _overlaps(share: Share, names: dict[str, RunRef]) -> list[dict[str, Any]]:
     by_other: dict[str, list[int]] = defaultdict(list)
     for minute, keys in sorted(share.shared_with.items()):
         for key in keys:

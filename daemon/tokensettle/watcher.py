@@ -1,0 +1,179 @@
+"""A thin bridge from watchdog's thread to the asyncio loop.
+
+The handler does nothing but hand paths to the loop with `call_soon_threadsafe`: an
+exception in a watchdog handler silently kills the observer thread. Created, moved (its
+destination), modified and closed events all mean "this path may have changed"; no watcher
+reports every creation exactly once, so periodic rescans back it up, and an inotify queue
+overflow (which watchdog only logs) triggers a rescan too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import structlog
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from tokensettle.discovery import RUN_FILE
+
+log = structlog.get_logger("tokensettle.watcher")
+
+WatchMode = Literal["auto", "inotify", "poll"]
+#: Filesystems where inotify does not see other hosts' writes.
+NETWORK_FS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "virtiofs", "afs", "ceph", "glusterfs",
+     "lustre", "gpfs", "vboxsf", "fuse.sshfs", "fuse.s3fs", "fuse.rclone"}
+)  # fmt: skip
+
+_INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
+
+
+def fs_type(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> str | None:
+    """The filesystem type of the mount holding `path` (longest mount-point prefix)."""
+    try:
+        lines = mounts_file.read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and (best is None or len(mount) > best[0]):
+            best = (len(mount), parts[2])
+    return best[1] if best else None
+
+
+def choose_mode(mode: WatchMode, fstype: str | None) -> Literal["inotify", "poll"]:
+    if mode != "auto":
+        return mode
+    if fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.")):
+        return "poll"
+    return "inotify"
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, deliver: Callable[[str, Path], None]) -> None:
+        self._deliver = deliver
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if isinstance(event, DirCreatedEvent | DirMovedEvent):
+                where = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
+                self._deliver("dir", Path(os.fsdecode(where)))
+            elif isinstance(event, _INTERESTING):
+                raw = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
+                path = Path(os.fsdecode(raw))
+                if path.name == RUN_FILE:
+                    self._deliver("file", path)
+        except Exception:
+            log.exception("watcher.handler_failed")
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog logs an inotify queue overflow but tells handlers nothing; listen to it."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow()
+
+
+@dataclass
+class WatchedRoot:
+    root: Path
+    mode: Literal["inotify", "poll"]
+    fstype: str | None
+
+
+class Watcher:
+    """Watches roots; calls `on_file(path)` / `on_dir(path)` / `on_overflow()` on the loop."""
+
+    def __init__(
+        self,
+        roots: Iterable[Path],
+        *,
+        mode: WatchMode,
+        loop: asyncio.AbstractEventLoop,
+        on_file: Callable[[Path], None],
+        on_dir: Callable[[Path], None],
+        on_overflow: Callable[[], None],
+        poll_interval: float = 10.0,
+    ) -> None:
+        self._loop = loop
+        self._on_file = on_file
+        self._on_dir = on_dir
+        self._on_overflow = on_overflow
+        self.roots = [WatchedRoot(r, choose_mode(mode, fs_type(r)), fs_type(r)) for r in roots]
+        self._observers: list[BaseObserver] = []
+        self._poll_interval = poll_interval
+        self._hook = _OverflowHook(self._overflow_from_thread)
+
+    def _call(self, fn: Callable[..., None], *args: Path) -> None:
+        # RuntimeError: the loop is closing; the next start rescans anyway.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _deliver(self, kind: str, path: Path) -> None:
+        self._call(self._on_file if kind == "file" else self._on_dir, path)
+
+    def _overflow_from_thread(self) -> None:
+        self._call(self._on_overflow)
+
+    def start(self) -> None:
+        handler = _Handler(self._deliver)
+        inotify: BaseObserver | None = None
+        polling: BaseObserver | None = None
+        for watched in self.roots:
+            if watched.mode == "poll":
+                polling = polling or PollingObserver(timeout=self._poll_interval)
+                polling.schedule(handler, str(watched.root), recursive=True)
+            else:
+                inotify = inotify or Observer()
+                inotify.schedule(handler, str(watched.root), recursive=True)
+            log.info(
+                "watcher.watching", root=str(watched.root), mode=watched.mode, fstype=watched.fstype
+            )
+        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+            logging.getLogger(name).addHandler(self._hook)
+        self._observers = [o for o in (inotify, polling) if o is not None]
+        for observer in self._observers:
+            observer.daemon = True
+            observer.start()
+
+    def alive(self) -> bool:
+        return all(o.is_alive() for o in self._observers)
+
+    def stop(self) -> None:
+        for name in ("watchdog.observers.inotify", "watchdog.observers.inotify_c"):
+            logging.getLogger(name).removeHandler(self._hook)
+        for observer in self._observers:
+            observer.stop()
+        for observer in self._observers:
+            observer.join(timeout=5)
+        self._observers = []
