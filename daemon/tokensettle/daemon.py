@@ -170,7 +170,9 @@ class Daemon:
         if self.index is not None:
             self.index.forget([str(path)])
 
-    def look(self, path: Path, *, raw: bytes | None = None, trailing: bool = False) -> None:
+    def look(
+        self, path: Path, *, raw: bytes | None = None, trailing: bool = False, quiet: bool = False
+    ) -> None:
         """(Re)read one run file and (re)schedule it. `raw` = bytes we just wrote."""
         root = self._root_of(path)
         if root is None or self._nested(path, root):
@@ -207,13 +209,15 @@ class Daemon:
                 tracked = self.tracked.get(path)
                 if tracked is not None and tracked.digest == loaded.snapshot.digest:
                     return  # the event of our own write: nothing new
-        self._admit(key, loaded, trailing=trailing)
+        self._admit(key, loaded, trailing=trailing, quiet=quiet)
 
     @property
     def _grace(self) -> int:
         return int(self.settings.window_grace.total_seconds())
 
-    def _admit(self, key: FileKey, loaded: Loaded, *, trailing: bool) -> None:
+    def _admit(self, key: FileKey, loaded: Loaded, *, trailing: bool, quiet: bool = False) -> None:
+        """Track, schedule or index one parsed file. `quiet`: right after our own poll,
+        whose `run.polled` event already told the story."""
         path = loaded.found.path
         assert self.index is not None
         assert self.reconciler is not None
@@ -248,7 +252,7 @@ class Daemon:
             tracked.discovered = previous.discovered
         self.tracked[path] = tracked
         self.heap.set(path, next_tick(due.timestamp(), self._tick) if due else None)
-        if previous is None or previous.state != state or previous.due != due:
+        if not quiet and (previous is None or previous.state != state):
             log.info(
                 "run.scheduled" if due else "run.too_old",
                 path=str(path),
@@ -360,7 +364,7 @@ class Daemon:
             self._count(outcome, now)
         for path in paths:
             raw = self.written.pop(path, None)
-            self.look(path, raw=raw, trailing=True)
+            self.look(path, raw=raw, trailing=True, quiet=True)
         self._update_gauges()
 
     def _count(self, outcome: RunOutcome, now: datetime) -> None:

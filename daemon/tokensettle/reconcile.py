@@ -605,6 +605,7 @@ class Reconciler:
             attempt=len(record.attempts) + 1,
             apportioned=round(share.apportioned_fraction, 4),
             written=written,
+            next_poll_at=iso(verdict.next_due) if verdict.next_due else None,
         )
         return replace(
             _outcome(
