@@ -293,9 +293,8 @@ async def _demo(root: Path) -> int:
     )
     _say(f"\ntruncated file left byte-identical: {'yes' if untouched else 'NO'}")
     _say(f"daemon healthy at the end: {health['status']}; stopped with SIGTERM, exit code {code}")
-    _say(
-        f"{total_requests} Usage API requests for {len(runs)} runs, {time.monotonic() - started:.1f} s"
-    )
+    elapsed = time.monotonic() - started
+    _say(f"{total_requests} Usage API requests for {len(runs)} runs, {elapsed:.1f} s")
     _say(f"inspect: {root}/<framework>/<run>/metrics.json ('usage_api_reconciliation' block)")
     return 0 if ok and untouched and code == 0 and health["status"] == "ok" else 1
 
