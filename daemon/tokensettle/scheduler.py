@@ -103,4 +103,5 @@ def next_tick(t: float, tick: float) -> float:
     fall due close together share one batch, so requests grow with ticks, not runs."""
     if tick <= 0:
         return t
-    return math.ceil(t / tick) * tick
+    n = math.ceil(t / tick) * tick
+    return n if n >= t else n + tick  # t / tick can round down (underflow)
