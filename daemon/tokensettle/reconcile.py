@@ -43,15 +43,12 @@ from tokensettle.runfile import (
     load_document,
     parse_run,
 )
+from tokensettle.settle import Observation, settle
 from tokensettle.stability import (
     TERMINAL,
-    AttemptRecord,
     Policy,
     Status,
-    Totals,
     Verdict,
-    decide,
-    fingerprint,
     next_due,
 )
 from tokensettle.usage import Scope, Usage, UsageRow
@@ -482,131 +479,42 @@ class Reconciler:
     ) -> RunOutcome:
         entry = result.entry
         record = _record(entry)
-        window = record.window
-        query_window = {
-            "start": window.start,
-            "end": window.end,
-            "start_iso": iso(datetime.fromtimestamp(window.start, UTC)),
-            "end_iso": iso(datetime.fromtimestamp(window.end, UTC)),
-            "grace_seconds": self.grace,
-        }
         share = result.share
-        attempt: dict[str, Any] = {"timestamp": iso(now)}
-        if share is None:
-            new = AttemptRecord(now, None, None, result.fetched.error)
-            attempt.update(
-                {
-                    "total_tokens_in": None,
-                    "total_tokens_out": None,
-                    "total_api_calls": None,
-                    "total_cached_tokens": None,
-                    "query_window": query_window,
-                    "error": result.fetched.error,
-                }
-            )
-            verdict = decide(
-                record.attempts,
-                new,
-                previous_status=record.status,
-                run_end=record.end,
-                policy=policy,
-            )
-            attempt["status"] = verdict.status.value
-            patch = Patch(verdict, attempt, now, self._provenance(record, result.fetched))
-            written = await self._write(entry, patch, dry_run)
-            log.warning(
-                "run.attempt_failed",
-                run_id=record.run_id,
-                framework=record.framework,
-                status=verdict.status.value,
-                error=result.fetched.error,
-            )
-            return replace(
-                _outcome(
-                    entry,
-                    verdict.status.value,
-                    verdict.message,
-                    next_due=verdict.next_due,
-                    polled=True,
-                    written=written,
-                    failed=True,
-                ),
-                attempts=len(record.attempts) + 1,
-            )
-
-        usage = share.usage
-        totals = Totals.of(usage)
-        fp = fingerprint(share.per_minute)
-        new = AttemptRecord(now, totals, fp, None)
-        verdict = decide(
-            record.attempts,
-            new,
-            previous_status=record.status,
-            run_end=record.end,
+        seen = Observation(
+            share, result.fetched.error, result.step_values, result.step_unowned, result.overlaps
+        )
+        settled = settle(
+            record,
+            seen,
             policy=policy,
-            apportioned_fraction=share.apportioned_fraction,
-            written=record.written,
+            now=now,
+            grace=self.grace,
+            provenance=self._provenance(record, result.fetched),
         )
-        steps_with_tokens = sum(1 for v in result.step_values.values() if not v.is_empty)
-        attempt.update(
-            {
-                "total_tokens_in": totals.tokens_in,
-                "total_tokens_out": totals.tokens_out,
-                "total_api_calls": totals.api_calls,
-                "total_cached_tokens": totals.cached,
-                "query_window": query_window,
-                "fingerprint": fp,
-                "status": verdict.status.value,
-                "exact_tokens": share.exact.total_tokens,
-                "apportioned_tokens": share.apportioned.total_tokens,
-                "steps_with_tokens": steps_with_tokens,
-                "total_steps": len(record.steps),
-                "error": None,
-            }
-        )
-        attribution = {
-            "exact": share.exact.present(),
-            "apportioned": share.apportioned.present(),
-            "apportioned_fraction": round(share.apportioned_fraction, 6),
-            "tolerance": policy.apportion_tolerance,
-            "minutes": len(share.per_minute),
-            "shared_minutes": len(share.shared_with),
-            "models": {m: u.present() for m, u in sorted(share.models.items())},
-        }
-        if record.steps:
-            attribution["steps_unattributed"] = result.step_unowned.present()
-        patch = Patch(
-            verdict,
-            attempt,
-            now,
-            self._provenance(record, result.fetched),
-            totals=usage,
-            step_values=result.step_values,
-            extra_block={
-                "steps_with_tokens": steps_with_tokens,
-                "total_steps": len(record.steps),
-                "attribution": attribution,
-                "overlaps": result.overlaps,
-            },
-        )
-        written = await self._write(entry, patch, dry_run)
+        verdict, usage = settled.verdict, settled.totals
+        written = await self._write(entry, settled.patch, dry_run)
         if not dry_run and verdict.writes_tokens:
             self._manifest(record, verdict, usage, now)
-        changed = verdict.status != record.status
-        (log.info if changed or verdict.writes_tokens else log.debug)(
-            "run.polled",
-            run_id=record.run_id,
-            framework=record.framework,
-            status=verdict.status.value,
-            previous=record.status.value if record.status else None,
-            tokens_in=totals.tokens_in,
-            tokens_out=totals.tokens_out,
-            api_calls=totals.api_calls,
-            attempt=len(record.attempts) + 1,
-            apportioned=round(share.apportioned_fraction, 4),
-            written=written,
-            next_poll_at=iso(verdict.next_due) if verdict.next_due else None,
-        )
+        common = {"run_id": record.run_id, "framework": record.framework}
+        if share is None or usage is None:
+            log.warning(
+                "run.attempt_failed", **common, status=verdict.status.value, error=seen.error
+            )
+        else:
+            changed = verdict.status != record.status
+            (log.info if changed or verdict.writes_tokens else log.debug)(
+                "run.polled",
+                **common,
+                status=verdict.status.value,
+                previous=record.status.value if record.status else None,
+                tokens_in=usage.input_tokens,
+                tokens_out=usage.output_tokens,
+                api_calls=usage.num_model_requests,
+                attempt=len(record.attempts) + 1,
+                apportioned=round(share.apportioned_fraction, 4),
+                written=written,
+                next_poll_at=iso(verdict.next_due) if verdict.next_due else None,
+            )
         return replace(
             _outcome(
                 entry,
@@ -616,7 +524,8 @@ class Reconciler:
                 totals=usage,
                 polled=True,
                 written=written,
-                apportioned_fraction=share.apportioned_fraction,
+                failed=usage is None,
+                apportioned_fraction=share.apportioned_fraction if share else 0.0,
             ),
             attempts=len(record.attempts) + 1,
         )

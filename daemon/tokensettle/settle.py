@@ -1,0 +1,145 @@
+"""One attempt's result -> verdict and file patch. Pure: no files, no network, no clock.
+
+`reconcile` does the I/O around this: it fetches, attributes, calls `settle`, and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tokensettle.attribution import Share
+from tokensettle.runfile import Patch, RunRecord, iso
+from tokensettle.stability import AttemptRecord, Policy, Totals, Verdict, decide, fingerprint
+from tokensettle.usage import Usage
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one poll saw for one run: its share of the rows, or why there is none."""
+
+    share: Share | None
+    error: str | None = None
+    step_values: Mapping[int, Usage] | None = None
+    step_unowned: Usage | None = None
+    overlaps: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class Settled:
+    verdict: Verdict
+    patch: Patch
+    totals: Usage | None
+
+
+def query_window(record: RunRecord, grace: int) -> dict[str, Any]:
+    window = record.window
+    return {
+        "start": window.start,
+        "end": window.end,
+        "start_iso": iso(datetime.fromtimestamp(window.start, UTC)),
+        "end_iso": iso(datetime.fromtimestamp(window.end, UTC)),
+        "grace_seconds": grace,
+    }
+
+
+def _failed(
+    record: RunRecord,
+    error: str,
+    *,
+    policy: Policy,
+    now: datetime,
+    grace: int,
+    prov: dict[str, Any],
+) -> Settled:
+    verdict = decide(
+        record.attempts,
+        AttemptRecord(now, None, None, error),
+        previous_status=record.status,
+        run_end=record.end,
+        policy=policy,
+    )
+    attempt = {
+        "timestamp": iso(now),
+        "total_tokens_in": None,
+        "total_tokens_out": None,
+        "total_api_calls": None,
+        "total_cached_tokens": None,
+        "query_window": query_window(record, grace),
+        "status": verdict.status.value,
+        "error": error,
+    }
+    return Settled(verdict, Patch(verdict, attempt, now, prov), None)
+
+
+def settle(
+    record: RunRecord,
+    seen: Observation,
+    *,
+    policy: Policy,
+    now: datetime,
+    grace: int,
+    provenance: dict[str, Any],
+) -> Settled:
+    """Decide the run's status from this attempt and build the patch for its file."""
+    share = seen.share
+    if share is None:
+        error = seen.error or "no data"
+        return _failed(record, error, policy=policy, now=now, grace=grace, prov=provenance)
+    usage = share.usage
+    totals = Totals.of(usage)
+    fp = fingerprint(share.per_minute)
+    verdict = decide(
+        record.attempts,
+        AttemptRecord(now, totals, fp, None),
+        previous_status=record.status,
+        run_end=record.end,
+        policy=policy,
+        apportioned_fraction=share.apportioned_fraction,
+        written=record.written,
+    )
+    step_values = dict(seen.step_values or {})
+    steps_with_tokens = sum(1 for v in step_values.values() if not v.is_empty)
+    attempt = {
+        "timestamp": iso(now),
+        "total_tokens_in": totals.tokens_in,
+        "total_tokens_out": totals.tokens_out,
+        "total_api_calls": totals.api_calls,
+        "total_cached_tokens": totals.cached,
+        "query_window": query_window(record, grace),
+        "fingerprint": fp,
+        "status": verdict.status.value,
+        "exact_tokens": share.exact.total_tokens,
+        "apportioned_tokens": share.apportioned.total_tokens,
+        "steps_with_tokens": steps_with_tokens,
+        "total_steps": len(record.steps),
+        "error": None,
+    }
+    attribution: dict[str, Any] = {
+        "exact": share.exact.present(),
+        "apportioned": share.apportioned.present(),
+        "apportioned_fraction": round(share.apportioned_fraction, 6),
+        "tolerance": policy.apportion_tolerance,
+        "minutes": len(share.per_minute),
+        "shared_minutes": len(share.shared_with),
+        "models": {m: u.present() for m, u in sorted(share.models.items())},
+    }
+    if record.steps:
+        attribution["steps_unattributed"] = (seen.step_unowned or Usage()).present()
+    patch = Patch(
+        verdict,
+        attempt,
+        now,
+        provenance,
+        totals=usage,
+        step_values=step_values,
+        extra_block={
+            "steps_with_tokens": steps_with_tokens,
+            "total_steps": len(record.steps),
+            "attribution": attribution,
+            "overlaps": list(seen.overlaps),
+        },
+    )
+    return Settled(verdict, patch, usage)
