@@ -1,0 +1,184 @@
+"""The HTML report opens offline in a real browser: headless Chromium, where installed.
+
+Chromium runs with every host name mapped to "not found" (no real traffic whatever the page or
+the browser itself tries) and writes a network log; requests the *page* starts carry the page's
+origin as initiator ("null" for a file:// page), while Chromium's own background requests
+(update checks, dictionaries, accounts) carry none ("not an origin"). The report must start
+none; a probe page with an image and an SVG <image> shows that the check sees such requests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokensettle.report import RunSummary, render_html
+
+END = datetime(2025, 10, 19, 10, 41, 18, tzinfo=UTC)
+CHARTS = ("chart-tokens", "chart-cost", "chart-spread", "chart-verify")
+
+
+def _runs() -> list[RunSummary]:
+    def one(fw: str, rid: str, tin: int, tout: int, minutes: float, cost: str) -> RunSummary:
+        return RunSummary(
+            framework=fw,
+            run_id=rid,
+            status="verified",
+            tokens_in=tin,
+            tokens_out=tout,
+            cached_tokens=tin // 3,
+            api_calls=tin // 2_000,
+            cost_usd=Decimal(cost),
+            run_end=END,
+            verified_at=END + timedelta(minutes=minutes),
+            local_vs_provider="match",
+            models=("gpt-4o-mini-2024-07-18",),
+        )
+
+    return [
+        one("baes", "6f0b2490", 20_150, 5_335, 223, "0.0054939"),
+        one("baes", "23f46f6b", 25_156, 6_481, 48, "0.0066"),
+        one("chatdev", "4df331a3", 258_207, 73_872, 293, "0.07"),
+        one("chatdev", "7c997ab4", 238_085, 82_557, 1_341, "0.068"),
+        one("ghspec", "a1b3972f", 46_512, 18_387, 218, "0.018"),
+        one("<b>odd & name</b>", "x\"'<y>", 1_000, 10, 5, "0.0002"),
+        RunSummary("ghspec", "pending-1", "pending"),
+    ]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium to run this check)")
+    return path
+
+
+def _chromium_args(binary: str, profile: Path) -> list[str]:
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-default-apps",
+        "--no-first-run",
+        "--no-default-browser-check",
+        f"--user-data-dir={profile}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--window-size=1200,2000",
+    ]
+
+
+def _run(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=90, check=False)
+
+
+def _load_netlog(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        log: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError:  # a log cut at exit lacks its closing brackets
+        log = json.loads(text.rstrip().rstrip(",") + "]}")
+    return log
+
+
+def page_requests(netlog: Path) -> list[str]:
+    """URLs of network requests the page itself started (not Chromium's own)."""
+    log = _load_netlog(netlog)
+    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
+    urls: list[str] = []
+    for event in log["events"]:
+        params = event.get("params") or {}
+        if names.get(event["type"]) != "URL_REQUEST_START_JOB" or "url" not in params:
+            continue
+        if params.get("initiator") == "not an origin":
+            continue  # the browser's background traffic, not the page's
+        if not params["url"].startswith(("file:", "data:", "chrome:")):
+            urls.append(params["url"])
+    return urls
+
+
+def _dump(binary: str, page: Path, work: Path) -> tuple[str, list[str]]:
+    netlog = work / "netlog.json"
+    result = _run(
+        [
+            *_chromium_args(binary, work / "profile"),
+            f"--log-net-log={netlog}",
+            "--dump-dom",
+            page.as_uri(),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, page_requests(netlog)
+
+
+@pytest.fixture
+def report_file(tmp_path: Path) -> Path:
+    page = render_html(_runs(), generated_at=END, title="tokensettle report <test>")
+    # The page can make no request: no URL of any kind, no element that would fetch one.
+    assert not re.search(r"(?i)\b(?:https?|ftp|wss?):", page)
+    assert not re.search(r"(?i)<(?:script|img|link|iframe|object|embed|image|use)\b", page)
+    assert not re.search(r"(?i)\b(?:src|href|srcset)\s*=\s*[\"']", page)
+    assert "url(" not in page
+    path = tmp_path / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def test_report_renders_in_headless_chromium_without_requests(
+    report_file: Path, tmp_path: Path
+) -> None:
+    binary = _chromium()
+    dom, requests = _dump(binary, report_file, tmp_path)
+    assert requests == []
+    # the browser parsed the inline SVG into elements (not text), with their shapes
+    for chart in CHARTS:
+        assert re.search(rf'<svg id="{chart}"[^>]*class="chart"', dom), chart
+    assert dom.count("<rect") >= 10
+    assert dom.count("<circle") >= 6
+    # data stayed text: the escaped framework name is not an element
+    assert "<b>odd" not in dom
+    assert "&lt;b&gt;odd &amp; name&lt;/b&gt;" in dom
+    assert "<title>tokensettle report &lt;test&gt;</title>" in dom
+
+
+def test_the_request_check_sees_a_page_that_fetches(tmp_path: Path) -> None:
+    binary = _chromium()
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        '<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/probe.png">'
+        '<svg><image href="http://probe.invalid/x.png"/></svg></body></html>',
+        encoding="utf-8",
+    )
+    _, requests = _dump(binary, probe, tmp_path)
+    assert "http://127.0.0.1:9/probe.png" in requests
+    assert "http://probe.invalid/x.png" in requests
+
+
+def test_report_screenshot_has_content(report_file: Path, tmp_path: Path) -> None:
+    binary = _chromium()
+    shot = tmp_path / "report.png"
+    result = _run(
+        [
+            *_chromium_args(binary, tmp_path / "profile"),
+            f"--screenshot={shot}",
+            report_file.as_uri(),
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (1200, 2000)
+    assert len(data) > 20_000  # a blank page compresses to a few kB

@@ -1,0 +1,373 @@
+"""Report: aggregates, reading metrics.json, and the four renderings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensettle.breakdown import build_breakdown
+from tokensettle.compare import compare, local_counts
+from tokensettle.pricing import price_models
+from tokensettle.report import (
+    CSV_HEADER,
+    RunSummary,
+    aggregate,
+    fmt_duration,
+    nice_ticks,
+    render,
+    render_csv,
+    render_html,
+    render_json,
+    render_table,
+    summary_from_document,
+)
+from tokensettle.usage import Usage
+
+END = datetime(2025, 10, 19, 10, 41, 18, tzinfo=UTC)
+BAES_FILE = "runs__baes__6f0b2490-1548-4b4f-a943-a688ec972355__metrics@427bd02.json"
+PENDING_FILE = "runs__ghspec__a1b3972f-f772-4a7c-956e-1828a8db7a7d__metrics@342cda3.json"
+
+
+def run(
+    framework: str = "baes",
+    run_id: str = "r1",
+    status: str = "verified",
+    *,
+    tokens: tuple[int, int] | None = (1_000, 100),
+    cached: int | None = 200,
+    calls: int | None = 3,
+    cost: str | None = "0.001",
+    complete: bool = True,
+    verify_minutes: float | None = 30,
+    verdict: str | None = None,
+    models: tuple[str, ...] = ("gpt-4o-mini-2024-07-18",),
+) -> RunSummary:
+    return RunSummary(
+        framework=framework,
+        run_id=run_id,
+        status=status,
+        tokens_in=tokens[0] if tokens else None,
+        tokens_out=tokens[1] if tokens else None,
+        cached_tokens=cached,
+        api_calls=calls,
+        cost_usd=Decimal(cost) if cost is not None else None,
+        cost_complete=complete,
+        run_end=END,
+        verified_at=END + timedelta(minutes=verify_minutes) if verify_minutes is not None else None,
+        local_vs_provider=verdict,
+        models=models,
+    )
+
+
+RUNS = [
+    run("baes", "b1", verify_minutes=10, verdict="match"),
+    run("baes", "b2", tokens=(3_000, 300), cached=0, cost="0.002", verify_minutes=20),
+    run(
+        "baes",
+        "b3",
+        "pending",
+        tokens=None,
+        cached=None,
+        calls=None,
+        cost=None,
+        verify_minutes=None,
+    ),
+    run("chatdev", "c1", tokens=(200_000, 70_000), cached=20_000, cost="0.05", verify_minutes=60),
+    run(
+        "chatdev",
+        "c2",
+        "ambiguous",
+        cost="0.9",
+        complete=False,
+        verify_minutes=120,
+        verdict="mismatch",
+    ),
+]
+
+
+# ------------------------------------------------------------------ aggregates
+
+
+def test_aggregate_per_framework() -> None:
+    baes, chatdev = aggregate(RUNS)
+    assert baes.framework == "baes"
+    assert baes.runs == 3
+    assert baes.by_status == {"pending": 1, "verified": 2}
+    assert (baes.tokens_in, baes.tokens_out, baes.api_calls) == (4_000, 400, 6)
+    assert baes.cached_tokens == 200
+    assert baes.cached_share == pytest.approx(200 / 4_000)
+    assert baes.cost_usd == Decimal("0.003")
+    assert (baes.cost_runs, baes.cost_incomplete) == (2, 0)
+    assert baes.median_time_to_verify == timedelta(minutes=15)  # median of 10 and 20
+    assert baes.verdicts == {"match": 1}
+    assert chatdev.cost_usd == Decimal("0.05")  # the incomplete run's partial cost is left out
+    assert (chatdev.cost_runs, chatdev.cost_incomplete) == (1, 1)
+    assert chatdev.median_time_to_verify == timedelta(minutes=90)
+
+
+def test_cached_share_only_over_runs_that_report_cached_tokens() -> None:
+    (agg,) = aggregate([run(tokens=(1_000, 0), cached=500), run(tokens=(9_000, 0), cached=None)])
+    assert agg.tokens_in == 10_000
+    assert agg.cached_share == 0.5
+
+
+def test_cost_sums_are_exact_decimals() -> None:
+    (agg,) = aggregate([run(cost="0.1") for _ in range(3)])
+    assert agg.cost_usd == Decimal("0.3")  # 0.1 + 0.1 + 0.1 != 0.3 in floats
+
+
+# ------------------------------------------------------------------ reading metrics.json
+
+
+def test_summary_of_a_seed_verified_file(fixtures_dir: Path) -> None:
+    doc = json.loads((fixtures_dir / BAES_FILE).read_text())
+    summary = summary_from_document(doc, "baes")
+    assert summary.run_id == "6f0b2490-1548-4b4f-a943-a688ec972355"
+    assert summary.status == "verified"
+    assert (summary.tokens_in, summary.tokens_out) == (20_150, 5_335)
+    assert (summary.cached_tokens, summary.api_calls) == (9_728, 12)
+    assert summary.cost_usd is None  # the seed's 0.0 is not a cost
+    assert summary.run_end == datetime(2025, 10, 19, 10, 41, 18, 574_869, tzinfo=UTC)
+    assert summary.verified_at == datetime(2025, 10, 19, 14, 24, 50, 650_916, tzinfo=UTC)
+    assert summary.time_to_verify == summary.verified_at - summary.run_end
+    assert summary.models == ("gpt-4o-mini",)  # the configured model: no usage models recorded
+
+
+def test_summary_of_a_pending_file_carries_no_tokens(fixtures_dir: Path) -> None:
+    doc = json.loads((fixtures_dir / PENDING_FILE).read_text())
+    summary = summary_from_document(doc, "ghspec")
+    assert summary.status == "pending"
+    assert summary.tokens_in is None
+    assert summary.total_tokens is None
+    assert summary.run_end is not None  # from the steps' integer timestamps
+    assert summary.time_to_verify is None
+
+
+def test_summary_reads_our_block_with_cost_breakdown_and_verdict() -> None:
+    snapshot = "gpt-4o-mini-2024-07-18"
+    usage = Usage(20_150, 5_335, 12, input_cached_tokens=9_728)
+    cost = price_models({snapshot: usage}, END)
+    comparison = compare(local_counts({"TOK_IN": 20_000, "TOK_OUT": 5_300}), usage, cost.total_usd)
+    doc: dict[str, Any] = {
+        "run_id": "ours-1",
+        "model": "gpt-4o-mini",
+        "end_timestamp": END.isoformat(),
+        "aggregate_metrics": {"TOK_IN": 20_150},
+        "usage_api_reconciliation": {
+            "verification_status": "verified",
+            "verified_at": (END + timedelta(minutes=42)).isoformat(),
+            "total_tokens_in": 20_150,
+            "total_tokens_out": 5_335,
+            "total_api_calls": 12,
+            "total_cached_tokens": 9_728,
+            "cost": cost.to_json(),
+            "token_breakdown": build_breakdown(usage, {snapshot: usage}).to_json(),
+            "local_vs_provider": comparison.to_json(),
+        },
+    }
+    doc = json.loads(json.dumps(doc))  # exactly what a file would hold
+    summary = summary_from_document(doc, "baes")
+    assert summary.cost_usd == Decimal("0.0054939") == cost.total_usd
+    assert summary.cost_complete
+    assert summary.local_vs_provider == "match"
+    assert summary.models == (snapshot,)
+    assert summary.cached_tokens == 9_728
+    assert summary.time_to_verify == timedelta(minutes=42)
+
+
+def test_incomplete_cost_is_read_as_such() -> None:
+    cost = price_models({"acme-1": Usage(10, 1, 1)}, END).to_json()
+    doc = {"usage_api_reconciliation": {"verification_status": "verified", "cost": cost}}
+    summary = summary_from_document(doc, "x", run_id="dir-name")
+    assert summary.run_id == "dir-name"
+    assert summary.cost_usd == 0
+    assert summary.cost_complete is False
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {},
+        {"usage_api_reconciliation": "not an object"},
+        {"usage_api_reconciliation": {"verification_status": "verified", "attempts": "x"}},
+        {
+            "end_timestamp": "yesterday",
+            "steps": [None, {"end_timestamp": True}],
+            "usage_api_reconciliation": {
+                "verification_status": "verified",
+                "total_tokens_in": -3,
+                "total_tokens_out": "5",
+                "verified_at": 12,
+                "cost": {"total_usd": "NaN", "total_usd_exact": None},
+                "local_vs_provider": ["match"],
+                "token_breakdown": {"models": "gpt"},
+            },
+            "aggregate_metrics": [],
+        },
+    ],
+)
+def test_summary_never_raises_on_odd_documents(doc: dict[str, Any]) -> None:
+    summary = summary_from_document(doc, "fw")
+    assert summary.framework == "fw"
+    assert summary.tokens_in is None
+    assert summary.cost_usd is None
+    assert summary.local_vs_provider is None
+
+
+# ------------------------------------------------------------------ renderings
+
+
+def test_table_shows_frameworks_and_runs() -> None:
+    text = render_table(RUNS)
+    assert text.startswith("Frameworks\n")
+    assert "\nRuns\n" in text
+    baes_line = next(
+        line for line in text.splitlines() if line.startswith("baes ") and "verified," in line
+    )
+    assert "4,000" in baes_line
+    assert "5.0%" in baes_line
+    assert "0.003000" in baes_line
+    assert "15m00s" in baes_line
+    assert "0.900000*" in text  # the partial cost is marked
+    assert "* cost incomplete" in text
+    pending = next(line for line in text.splitlines() if " b3 " in line)
+    assert pending.split()[3] == "-"
+    assert render_table([]) == "no runs"
+
+
+def test_csv_has_a_stable_header_and_round_trips() -> None:
+    tricky = run('fw,"quoted"', "id\nwith newline", cost="0.0054939", models=("a", "b"))
+    text = render_csv([*RUNS, tricky])
+    assert text.splitlines()[0] == ",".join(CSV_HEADER)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == len(RUNS) + 1
+    by_id = {r["run_id"]: r for r in rows}
+    assert by_id["id\nwith newline"]["framework"] == 'fw,"quoted"'
+    assert by_id["id\nwith newline"]["cost_usd"] == "0.0054939"
+    assert by_id["id\nwith newline"]["models"] == "a;b"
+    assert by_id["b3"]["tokens_in"] == ""
+    assert by_id["b1"]["time_to_verify_s"] == "600.0"
+    assert by_id["c2"]["cost_complete"] == "false"
+
+
+def test_json_rendering() -> None:
+    doc = json.loads(render_json(RUNS, generated_at=END))
+    assert doc["generated_at"] == END.isoformat()
+    assert [f["framework"] for f in doc["frameworks"]] == ["baes", "chatdev"]
+    assert doc["frameworks"][0]["median_time_to_verify_s"] == 900.0
+    assert doc["frameworks"][0]["cost_usd"] == 0.003
+    assert len(doc["runs"]) == len(RUNS)
+    assert doc["runs"][0]["run_id"] == "b1"
+
+
+def test_html_is_self_contained_and_escaped() -> None:
+    evil = run('<script>alert("x")</script>', 'id"><img src=x onerror=alert(1)>', verdict="<b>")
+    page = render_html([*RUNS, evil], generated_at=END)
+    assert page.startswith("<!DOCTYPE html>")
+    for chart in ("chart-tokens", "chart-cost", "chart-spread", "chart-verify"):
+        assert f'<svg id="{chart}"' in page
+    assert "<script" not in page.lower()
+    assert "<img" not in page.lower()
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert not re.search(r"https?://", page)
+    assert "url(" not in page
+    assert "@import" not in page
+    tags = _tags(page)
+    names = {name for name, _ in tags}
+    assert names.isdisjoint({"script", "img", "link", "iframe", "object", "embed", "image", "use"})
+    attributes = {attr for _, attrs in tags for attr in attrs}
+    assert attributes.isdisjoint({"src", "href", "xlink:href", "srcset", "action"})
+    assert not any(a.startswith("on") for a in attributes)
+
+
+class _TagCollector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, set[str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {name for name, _ in attrs}))
+
+
+def _tags(page: str) -> list[tuple[str, set[str]]]:
+    """Every element the browser will build, with its attribute names."""
+    collector = _TagCollector()
+    collector.feed(page)
+    collector.close()
+    return collector.tags
+
+
+def test_html_of_nothing_still_renders() -> None:
+    page = render_html([])
+    assert page.count("no data") == 4
+    assert "0 runs in 0 frameworks" in page
+
+
+def test_render_dispatch() -> None:
+    assert render(RUNS, "csv") == render_csv(RUNS)
+    assert render(RUNS, "table") == render_table(RUNS)
+    assert json.loads(render(RUNS, "json"))["runs"]
+    assert render(RUNS, "html").startswith("<!DOCTYPE html>")
+    with pytest.raises(ValueError, match="unknown report format"):
+        render(RUNS, "xml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59, "59s"), (90, "1m30s"), (3_600, "1h00m"), (90_000, "1d01h"), (-120, "-2m00s")],
+)
+def test_fmt_duration(seconds: int, text: str) -> None:
+    assert fmt_duration(timedelta(seconds=seconds)) == text
+
+
+@settings(max_examples=300)
+@given(st.floats(min_value=1e-6, max_value=1e12, allow_nan=False))
+def test_nice_ticks_cover_the_data_in_few_round_steps(top: float) -> None:
+    ticks = nice_ticks(top)
+    assert ticks[0] == 0
+    assert ticks[-1] >= top
+    assert 2 <= len(ticks) <= 12
+    steps = {round(b - a, 9) for a, b in itertools.pairwise(ticks)}
+    assert len(steps) <= 2  # equal steps (up to float noise in the last digit)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            run,
+            framework=st.sampled_from(["baes", "chatdev", "<g&h>"]),
+            run_id=st.text(min_size=1, max_size=12),
+            tokens=st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)) | st.none(),
+            verify_minutes=st.floats(-10, 5_000) | st.none(),
+        ),
+        max_size=12,
+    )
+)
+def test_html_never_leaks_markup_from_data(runs: list[RunSummary]) -> None:
+    page = render_html(runs)
+    assert "<g&h>" not in page
+    assert page.count("<svg ") == 4
+    assert page.count("</svg>") == 4
+    for r in runs:
+        assert "<" not in r.run_id or r.run_id not in page
+    assert {name for name, _ in _tags(page)} <= _ALLOWED_TAGS
+
+
+_ALLOWED_TAGS = {
+    "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "div", "table",
+    "thead", "tbody", "tr", "th", "td", "figure", "figcaption", "svg", "line", "text",
+    "rect", "circle",
+}  # fmt: skip
