@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     rate_limit_per_min: float = Field(default=30.0, gt=0)
     request_attempts: int = Field(default=5, ge=1, le=20)
     apportion_tolerance: float = Field(default=0.01, ge=0, le=1)
+    local_tolerance: float = Field(default=0.05, ge=0, le=10)
     state_dir: Path = Path.home() / ".local" / "state" / "tokensettle"
     http_addr: str = "127.0.0.1:9464"
     log_format: Literal["auto", "json", "console"] = "auto"

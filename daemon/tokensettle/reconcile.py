@@ -490,12 +490,15 @@ class Reconciler:
             now=now,
             grace=self.grace,
             provenance=self._provenance(record, result.fetched),
+            local_tolerance=self.settings.local_tolerance,
         )
         verdict, usage = settled.verdict, settled.totals
         written = await self._write(entry, settled.patch, dry_run)
         if not dry_run and verdict.writes_tokens:
             self._manifest(record, verdict, usage, now)
         common = {"run_id": record.run_id, "framework": record.framework}
+        if settled.model_warning:
+            log.warning("run.model_mismatch", **common, warning=settled.model_warning)
         if share is None or usage is None:
             log.warning(
                 "run.attempt_failed", **common, status=verdict.status.value, error=seen.error

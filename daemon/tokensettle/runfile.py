@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensettle import TOOL_NAME
+from tokensettle.compare import LocalCounts, local_counts_from_document
 from tokensettle.stability import AttemptRecord, Status, Totals, Verdict, parse_status
 from tokensettle.usage import Usage
 from tokensettle.windows import Activity, Interval
@@ -70,6 +71,8 @@ class RunRecord:
     model: str | None
     window_source: str
     message: str | None = None
+    #: the framework's own counts, as the file carried them before we wrote ours
+    local: LocalCounts = field(default_factory=LocalCounts)
 
     @property
     def window(self) -> Interval:
@@ -265,6 +268,7 @@ def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
         model=model,
         window_source=source,
         message=str(block["verification_message"]) if block.get("verification_message") else None,
+        local=local_counts_from_document(doc, tool=TOOL_NAME),
     )
 
 
@@ -334,6 +338,10 @@ class Patch:
     totals: Usage | None = None
     step_values: Mapping[int, Usage] = field(default_factory=dict)
     extra_block: Mapping[str, Any] = field(default_factory=dict)
+    #: None: leave the file's value alone (cost not complete, cached tokens not carried)
+    cost_usd: float | None = None
+    cost_breakdown: Mapping[str, Any] | None = None
+    cached_tokens: int | None = None
 
 
 def iso(dt: datetime) -> str:
@@ -393,7 +401,16 @@ def apply_patch(
             agg = {}
             out["aggregate_metrics"] = agg
         for key, attr in AGGREGATE_TOKEN_KEYS.items():
+            if key == "CACHED_TOKENS":
+                if patch.cached_tokens is not None:
+                    _set_count(agg, key, patch.cached_tokens)
+                continue
             _set_count(agg, key, getattr(totals, attr))
+        if patch.cost_usd is not None and "COST_USD" in agg:
+            agg["COST_USD"] = patch.cost_usd
+        breakdown = out.get("cost_breakdown")
+        if patch.cost_breakdown is not None and isinstance(breakdown, dict):
+            breakdown.update(patch.cost_breakdown)
         aei = _aei(agg.get("AUTR"), totals.input_tokens)
         if aei is not None:
             agg["AEI"] = aei

@@ -11,6 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tokensettle.attribution import Share
+from tokensettle.breakdown import breakdown_of_share
+from tokensettle.compare import DEFAULT_TOLERANCE, compare
+from tokensettle.pricing import price_models
 from tokensettle.runfile import Patch, RunRecord, iso
 from tokensettle.stability import AttemptRecord, Policy, Totals, Verdict, decide, fingerprint
 from tokensettle.usage import Usage
@@ -32,6 +35,7 @@ class Settled:
     verdict: Verdict
     patch: Patch
     totals: Usage | None
+    model_warning: str | None = None
 
 
 def query_window(record: RunRecord, grace: int) -> dict[str, Any]:
@@ -82,8 +86,12 @@ def settle(
     now: datetime,
     grace: int,
     provenance: dict[str, Any],
+    local_tolerance: float = DEFAULT_TOLERANCE,
 ) -> Settled:
-    """Decide the run's status from this attempt and build the patch for its file."""
+    """Decide the run's status from this attempt and build the patch for its file.
+
+    A run that settles is also priced at its own start time, its tokens broken down by
+    cache and modality, and its framework's own counts (if any) compared with ours."""
     share = seen.share
     if share is None:
         error = seen.error or "no data"
@@ -128,6 +136,31 @@ def settle(
     }
     if record.steps:
         attribution["steps_unattributed"] = (seen.step_unowned or Usage()).present()
+    extra: dict[str, Any] = {
+        "steps_with_tokens": steps_with_tokens,
+        "total_steps": len(record.steps),
+        "attribution": attribution,
+        "overlaps": list(seen.overlaps),
+    }
+    cost_usd: float | None = None
+    cost_breakdown: dict[str, Any] | None = None
+    cached: int | None = None
+    warning: str | None = None
+    if verdict.writes_tokens:
+        cost = price_models(share.models, record.start, total=usage)
+        breakdown = breakdown_of_share(share, configured_model=record.model)
+        comparison = compare(
+            record.local,
+            usage,
+            cost.total_usd if cost.complete else None,
+            tolerance=local_tolerance,
+        )
+        extra["cost"] = cost.to_json()
+        extra["token_breakdown"] = breakdown.to_json()
+        extra["local_vs_provider"] = {**comparison.to_json(), "local": record.local.to_json()}
+        cost_usd, cost_breakdown = cost.cost_usd_value(), cost.seed_cost_breakdown()
+        cached = breakdown.cached_tokens
+        warning = breakdown.model_warning
     patch = Patch(
         verdict,
         attempt,
@@ -135,11 +168,9 @@ def settle(
         provenance,
         totals=usage,
         step_values=step_values,
-        extra_block={
-            "steps_with_tokens": steps_with_tokens,
-            "total_steps": len(record.steps),
-            "attribution": attribution,
-            "overlaps": list(seen.overlaps),
-        },
+        extra_block=extra,
+        cost_usd=cost_usd,
+        cost_breakdown=cost_breakdown,
+        cached_tokens=cached,
     )
-    return Settled(verdict, patch, usage)
+    return Settled(verdict, patch, usage, warning)

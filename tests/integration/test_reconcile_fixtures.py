@@ -26,7 +26,16 @@ SETTLED = [
     "runs__baes__23f46f6b-929e-429b-ba74-4b0d20abc1ed__metrics@36bd6d2.json",
     "runs__baes__801758a3-dbda-4fc5-8d7f-fd1c916d7617__metrics@34dc8fb.json",
 ]
-PATCHED_TOP = {"aggregate_metrics", "steps", "usage_api_reconciliation", "verification_status"}
+PATCHED_TOP = {
+    "aggregate_metrics",
+    "steps",
+    "usage_api_reconciliation",
+    "verification_status",
+    "cost_breakdown",
+}
+# baes/6f0b2490 by hand at the published gpt-4o-mini prices (USD per 1M tokens: 0.15 input,
+# 0.075 cached input, 0.60 output): (10,422 * 0.15 + 9,728 * 0.075 + 5,335 * 0.60) / 1e6.
+HAND_PRICED = {"6f0b2490-1548-4b4f-a943-a688ec972355": 0.0054939}
 
 
 def _without(doc: dict[str, Any], keys: set[str]) -> dict[str, Any]:
@@ -89,11 +98,17 @@ async def test_field_runs_settle_to_their_recorded_totals(
             assert after["verification_status"] == "verified"
         # Nothing else changed: top-level fields, other aggregates, non-token step fields.
         assert _without(after, PATCHED_TOP) == _without(before, PATCHED_TOP)
-        assert {k: v for k, v in agg.items() if k not in (*AGG_TOKEN_KEYS, "AEI")} == {
-            k: v
-            for k, v in before["aggregate_metrics"].items()
-            if k not in (*AGG_TOKEN_KEYS, "AEI")
+        kept = (*AGG_TOKEN_KEYS, "AEI", "COST_USD")
+        assert {k: v for k, v in agg.items() if k not in kept} == {
+            k: v for k, v in before["aggregate_metrics"].items() if k not in kept
         }
+        cost = block["cost"]
+        assert cost["complete"] is True
+        assert block["local_vs_provider"]["verdict"] == "no_local_counts"
+        if after["run_id"] in HAND_PRICED:
+            assert agg["COST_USD"] == HAND_PRICED[after["run_id"]] == cost["total_usd"]
+            assert after["cost_breakdown"]["cached_input_cost"] == 0.0007296
+        assert ("COST_USD" in agg) == ("COST_USD" in before["aggregate_metrics"])
         for s_after, s_before in zip(after["steps"], before["steps"], strict=True):
             assert set(s_after) == set(s_before)  # no token field added or removed
             token_keys = {"tokens_in", "tokens_out", "api_calls", "cached_tokens"}

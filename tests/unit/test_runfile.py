@@ -405,7 +405,7 @@ STEP_VALUES = {
 }
 
 
-def _patch(status: Status, totals: Usage | None = TOTALS) -> Patch:
+def _patch(status: Status, totals: Usage | None = TOTALS, **extra: Any) -> Patch:
     return Patch(
         verdict=_verdict(status),
         attempt={
@@ -420,6 +420,8 @@ def _patch(status: Status, totals: Usage | None = TOTALS) -> Patch:
         provenance={"tool": "tokensettle", "version": "0.1.0"},
         totals=totals,
         step_values=STEP_VALUES,
+        cached_tokens=extra.pop("cached_tokens", totals.input_cached_tokens if totals else None),
+        **extra,
     )
 
 
@@ -601,3 +603,38 @@ def test_stepinfo_indexes_point_into_the_document() -> None:
     rec = parse(v1_doc())
     assert [s.index for s in rec.steps] == [0, 1, 2]
     assert isinstance(rec.steps[0], StepInfo)
+
+
+def test_cached_tokens_not_carried_leaves_the_file_value() -> None:
+    doc = v1_doc()
+    doc["aggregate_metrics"]["CACHED_TOKENS"] = 77
+    out = apply_patch(doc, _patch(Status.VERIFIED, cached_tokens=None), parse(doc).steps)
+    assert out["aggregate_metrics"]["CACHED_TOKENS"] == 77
+    assert out["aggregate_metrics"]["TOK_IN"] == 20150
+
+
+def test_cost_is_written_only_where_the_file_has_the_fields() -> None:
+    breakdown = {
+        "uncached_input_cost": 0.0015633,
+        "cached_input_cost": 0.0007296,
+        "output_cost": 0.003201,
+        "cache_savings": 0.0007296,
+        "model": "gpt-4o-mini-2024-07-18",
+    }
+    with_fields = v1_doc()
+    with_fields["aggregate_metrics"]["COST_USD"] = 0.0
+    with_fields["cost_breakdown"] = dict.fromkeys(breakdown, 0.0)
+    patch = _patch(Status.VERIFIED, cost_usd=0.0054939, cost_breakdown=breakdown)
+    out = apply_patch(with_fields, patch, parse(with_fields).steps)
+    assert out["aggregate_metrics"]["COST_USD"] == 0.0054939
+    assert out["cost_breakdown"] == breakdown
+    without = v1_doc()
+    without["aggregate_metrics"].pop("COST_USD", None)
+    without.pop("cost_breakdown", None)
+    out = apply_patch(without, patch, parse(without).steps)
+    assert "COST_USD" not in out["aggregate_metrics"]
+    assert "cost_breakdown" not in out
+    pending = apply_patch(
+        with_fields, _patch(Status.PENDING, cost_usd=1.0), parse(with_fields).steps
+    )
+    assert pending["aggregate_metrics"]["COST_USD"] == 0.0
