@@ -1,4 +1,4 @@
-"""Command line: `run`, `list`, `reconcile`, `simulate`, `demo`, `doctor`.
+"""Command line: `run`, `list`, `reconcile`, `report`, `reprice`, `doctor`, `simulate`, `demo`.
 
 Exit codes (stable, scripts rely on them): 0 ok, 1 some runs failed, 2 usage or config
 error, 3 authentication or scope error.
@@ -12,19 +12,29 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from tokensettle import __version__
+from tokensettle.atomic import read_snapshot
 from tokensettle.config import ConfigError, Settings, load_settings
 from tokensettle.daemon import run_daemon
 from tokensettle.demo import run_demo
+from tokensettle.discovery import Found, scan_all
+from tokensettle.doctor import exit_code as doctor_exit_code
+from tokensettle.doctor import render as render_checks
+from tokensettle.doctor import run_checks
 from tokensettle.durations import parse_cli_duration
 from tokensettle.logs import configure
 from tokensettle.reconcile import Reconciler, Selection
-from tokensettle.render import list_human, outcome_json, report_human, report_json
+from tokensettle.render import list_human, outcome_json, report_human, report_json, table
+from tokensettle.report import RunSummary, summary_from_document
+from tokensettle.report import render as render_report
+from tokensettle.reprice import reprice_runs
+from tokensettle.runfile import RunFileError, load_document
 from tokensettle.simulator.server import run_simulator_cli
 from tokensettle.usage_api import RetryPolicy, UsageClient
 
@@ -79,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_rec.add_argument("--max-age", help="give up this long after a run ends (bare number: hours)")
     p_rec.add_argument("--dry-run", action="store_true", help="poll and decide, but write nothing")
     p_rec.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p_rep = sub.add_parser("report", parents=[common], help="tokens, cost and checks per run")
+    p_rep.add_argument("framework", nargs="?")
+    p_rep.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    p_rep.add_argument("--out", type=Path, help="write to this file instead of stdout")
+
+    p_price = sub.add_parser("reprice", parents=[common], help="price settled runs again")
+    p_price.add_argument("framework", nargs="?")
+    p_price.add_argument("--dry-run", action="store_true", help="show the differences only")
+    p_price.add_argument("--model", help="price runs that record no model as this model")
+
+    sub.add_parser("doctor", parents=[common], help="check the configuration and the machine")
 
     p_sim = sub.add_parser("simulate", help="serve the built-in Usage API simulator")
     p_sim.add_argument("--host", default="127.0.0.1")
@@ -157,6 +179,74 @@ def _list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _found(settings: Settings, framework: str | None) -> list[Found]:
+    return [f for f in scan_all(list(settings.runs_dirs)) if framework in (None, f.framework)]
+
+
+def _report(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure(level=settings.log_level, fmt=settings.log_format)
+    summaries: list[RunSummary] = []
+    for item in _found(settings, args.framework):
+        if item.skip_reason is not None:
+            continue
+        try:
+            doc = load_document(read_snapshot(item.path).raw)
+        except (RunFileError, OSError) as exc:
+            sys.stderr.write(f"tokensettle: skipped {item.path}: {exc}\n")
+            continue
+        summaries.append(summary_from_document(doc, item.framework, run_id=item.path.parent.name))
+    text = render_report(summaries, args.format, generated_at=datetime.now(UTC))
+    if args.out is not None:
+        args.out.write_text(text if text.endswith("\n") else text + "\n")
+        sys.stderr.write(f"wrote {args.out} ({len(summaries)} runs)\n")
+    else:
+        _emit(text.rstrip("\n"))
+    return EXIT_OK
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure(level=settings.log_level, fmt=settings.log_format)
+    grace = int(settings.window_grace.total_seconds())
+    found = _found(settings, args.framework)
+    results = reprice_runs(found, grace, dry_run=args.dry_run, assume_model=args.model)
+
+    def usd(value: Decimal | None) -> str:
+        return "-" if value is None else f"${value:.6f}"
+
+    rows = [
+        [
+            r.framework,
+            r.run_id,
+            usd(r.old_usd),
+            usd(r.new_usd),
+            usd(r.new_usd - (r.old_usd or Decimal(0))) if r.new_usd is not None else "-",
+            "written" if r.written else ("would write" if r.changed else "unchanged"),
+            r.note or r.basis,
+        ]
+        for r in results
+    ]
+    head = ["FRAMEWORK", "RUN", "OLD", "NEW", "DIFF", "ACTION", "BASIS"]
+    _emit(table(head, rows) if rows else "no settled runs to price")
+    changed = sum(1 for r in results if r.changed)
+    verb = "would change" if args.dry_run else "changed"
+    unpriced = sum(1 for r in results if r.new_usd is None)
+    _emit(f"\n{len(results)} settled run(s); {verb} {changed}; unpriced {unpriced}")
+    return EXIT_OK
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure(level="error", fmt=settings.log_format)
+    async with aiohttp.ClientSession() as session:
+        key = settings.secret_key()
+        client = _client(settings, session) if key else None
+        checks = await run_checks(settings, client)
+    _emit(render_checks(checks))
+    return doctor_exit_code(checks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -167,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list(args)
         if args.command == "reconcile":
             return asyncio.run(_reconcile(args))
+        if args.command == "report":
+            return _report(args)
+        if args.command == "reprice":
+            return _reprice(args)
+        if args.command == "doctor":
+            return asyncio.run(_doctor(args))
         if args.command == "simulate":
             return run_simulator_cli(args.host, args.port, args.scenario)
         if args.command == "demo":

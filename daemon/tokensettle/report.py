@@ -804,8 +804,8 @@ def render_html(
     )
     cost = chart_bars(
         "chart-cost",
-        "Cost per framework (USD, runs with a complete cost)",
-        [(a.framework, [("cost USD", float(a.cost_usd))]) for a in aggs],
+        "Cost per framework (USD, runs with a complete cost; unpriced frameworks left out)",
+        [(a.framework, [("cost USD", float(a.cost_usd))]) for a in aggs if a.cost_runs],
         fmt=lambda v: f"${v:.4g}" if v else "$0",
     )
     spread = chart_strips(

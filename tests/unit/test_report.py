@@ -349,7 +349,8 @@ def test_nice_ticks_cover_the_data_in_few_round_steps(top: float) -> None:
         st.builds(
             run,
             framework=st.sampled_from(["baes", "chatdev", "<g&h>"]),
-            run_id=st.text(min_size=1, max_size=12),
+            run_id=st.text(min_size=1, max_size=12)
+            | st.text(alphabet="xyz", max_size=5).map(lambda t: f"<b{t}>"),
             tokens=st.tuples(st.integers(0, 10**7), st.integers(0, 10**7)) | st.none(),
             verify_minutes=st.floats(-10, 5_000) | st.none(),
         ),
@@ -362,7 +363,8 @@ def test_html_never_leaks_markup_from_data(runs: list[RunSummary]) -> None:
     assert page.count("<svg ") == 4
     assert page.count("</svg>") == 4
     for r in runs:
-        assert "<" not in r.run_id or r.run_id not in page
+        if r.run_id.startswith("<b"):  # a tag-shaped id must appear escaped only
+            assert r.run_id not in page
     assert {name for name, _ in _tags(page)} <= _ALLOWED_TAGS
 
 
@@ -371,3 +373,15 @@ _ALLOWED_TAGS = {
     "thead", "tbody", "tr", "th", "td", "figure", "figcaption", "svg", "line", "text",
     "rect", "circle",
 }  # fmt: skip
+
+
+def test_cost_chart_leaves_out_frameworks_without_any_priced_run() -> None:
+    runs = [
+        RunSummary("alpha", "a", "verified", 100, 10, cost_usd=Decimal("0.5")),
+        RunSummary("omega", "b", "verified", 100, 10),
+    ]
+    page = render_html(runs)
+    cost_chart = page[page.index('id="chart-cost"') :]
+    cost_chart = cost_chart[: cost_chart.index("</svg>")]
+    assert "alpha" in cost_chart
+    assert "omega" not in cost_chart  # an unknown cost is never drawn as $0
