@@ -379,6 +379,8 @@ class Daemon:
                 fw = outcome.framework
                 self.metrics.tokens.labels(fw, "in").inc(outcome.totals.input_tokens)
                 self.metrics.tokens.labels(fw, "out").inc(outcome.totals.output_tokens)
+            if outcome.cost_usd is not None:
+                self.metrics.cost.labels(outcome.framework).inc(outcome.cost_usd)
             log.info(
                 "run.settled",
                 run_id=outcome.run_id,
@@ -442,7 +444,12 @@ class Daemon:
             if fw:
                 items = [i for i in items if i["framework"] == fw]
             finished = self.index.counts() if self.index is not None else {}
-            return web.json_response({"runs": items, "finished": finished})
+            frameworks = self.index.by_framework() if self.index is not None else {}
+            if fw:
+                frameworks = {k: v for k, v in frameworks.items() if k == fw}
+            return web.json_response(
+                {"runs": items, "finished": finished, "frameworks": frameworks}
+            )
 
         app = web.Application()
         app.router.add_get("/healthz", healthz)
@@ -639,6 +646,7 @@ def _finished(key: FileKey, record: RunRecord) -> Finished:
         record.status.value if record.status else "",
         written.tokens_in if written else None,
         written.tokens_out if written else None,
+        record.cost_usd,
     )
 
 

@@ -15,12 +15,13 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 log = structlog.get_logger("tokensettle.index")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS finished (
     path TEXT PRIMARY KEY,
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS finished (
     "end" REAL NOT NULL,
     status TEXT NOT NULL,
     tokens_in INTEGER,
-    tokens_out INTEGER
+    tokens_out INTEGER,
+    cost_usd REAL
 );
 CREATE INDEX IF NOT EXISTS finished_end ON finished ("end");
 """
@@ -62,6 +64,7 @@ class Finished:
     status: str
     tokens_in: int | None
     tokens_out: int | None
+    cost_usd: float | None = None
 
 
 class Index:
@@ -84,6 +87,7 @@ class Index:
             db.execute("PRAGMA synchronous=NORMAL")  # losing the last rows only costs a parse
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version not in (0, SCHEMA_VERSION):
+                # An older layout: the files are the record, so start the index afresh.
                 db.executescript("DROP TABLE IF EXISTS finished;")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -99,7 +103,7 @@ class Index:
     def lookup(self, key: FileKey) -> Finished | None:
         """The finished row for this exact file version, or None."""
         row = self._db.execute(
-            'SELECT framework, run_id, start, "end", status, tokens_in, tokens_out '
+            'SELECT framework, run_id, start, "end", status, tokens_in, tokens_out, cost_usd '
             "FROM finished WHERE path=? AND inode=? AND size=? AND mtime_ns=?",
             (key.path, key.inode, key.size, key.mtime_ns),
         ).fetchone()
@@ -112,7 +116,7 @@ class Index:
     def put(self, rows: Iterable[Finished]) -> None:
         with self._transaction():
             self._db.executemany(
-                "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         f.key.path,
@@ -126,6 +130,7 @@ class Index:
                         f.status,
                         f.tokens_in,
                         f.tokens_out,
+                        f.cost_usd,
                     )
                     for f in rows
                 ],
@@ -139,10 +144,29 @@ class Index:
         """Finished runs whose [start, end] touches [start, end] (for attribution)."""
         rows = self._db.execute(
             'SELECT path, inode, size, mtime_ns, framework, run_id, start, "end", status, '
-            'tokens_in, tokens_out FROM finished WHERE "end" >= ? AND start <= ?',
+            'tokens_in, tokens_out, cost_usd FROM finished WHERE "end" >= ? AND start <= ?',
             (start, end),
         )
         return [Finished(FileKey(*r[:4]), *r[4:]) for r in rows]
+
+    def by_framework(self) -> dict[str, dict[str, Any]]:
+        """Settled runs per framework: count, tokens and cost (for /runs)."""
+        rows = self._db.execute(
+            "SELECT framework, status, count(*), sum(tokens_in), sum(tokens_out), "
+            "sum(cost_usd), sum(cost_usd IS NULL) FROM finished GROUP BY framework, status"
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for fw, status, n, tin, tout, cost, unpriced in rows:
+            entry = out.setdefault(
+                fw, {"runs": {}, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "unpriced": 0}
+            )
+            entry["runs"][status] = n
+            if status in ("verified", "ambiguous"):
+                entry["tokens_in"] += tin or 0
+                entry["tokens_out"] += tout or 0
+                entry["cost_usd"] = round(entry["cost_usd"] + (cost or 0.0), 9)
+                entry["unpriced"] += unpriced or 0
+        return out
 
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT status, count(*) FROM finished GROUP BY status")

@@ -45,5 +45,12 @@ class Metrics:
             registry=r,
         )
 
+        self.cost = Counter(
+            "tokensettle_settled_cost_usd",
+            "Cost of settled runs at their own prices, by framework (complete costs only)",
+            ["framework"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -114,6 +114,7 @@ class RunOutcome:
     written: bool = False
     failed: bool = False
     apportioned_fraction: float = 0.0
+    cost_usd: float | None = None
 
     def age(self, now: datetime) -> timedelta | None:
         return now - self.run_end if self.run_end is not None else None
@@ -529,6 +530,7 @@ class Reconciler:
                 written=written,
                 failed=usage is None,
                 apportioned_fraction=share.apportioned_fraction if share else 0.0,
+                cost_usd=settled.patch.cost_usd,
             ),
             attempts=len(record.attempts) + 1,
         )

@@ -66,6 +66,7 @@ def outcome_json(o: RunOutcome, now: datetime) -> dict[str, Any]:
         "written": o.written,
         "totals": o.totals.present() if o.totals is not None else None,
         "apportioned_fraction": round(o.apportioned_fraction, 6),
+        "cost_usd": o.cost_usd,
     }
 
 

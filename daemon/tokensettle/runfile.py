@@ -73,6 +73,8 @@ class RunRecord:
     message: str | None = None
     #: the framework's own counts, as the file carried them before we wrote ours
     local: LocalCounts = field(default_factory=LocalCounts)
+    #: the run's complete cost as we recorded it (None: not settled, or not fully priced)
+    cost_usd: float | None = None
 
     @property
     def window(self) -> Interval:
@@ -206,6 +208,14 @@ def _written_totals(block: Mapping[str, Any]) -> Totals | None:
     return None
 
 
+def _recorded_cost(block: Mapping[str, Any]) -> float | None:
+    cost = block.get("cost")
+    if not isinstance(cost, dict) or cost.get("complete") is not True:
+        return None
+    value = cost.get("total_usd")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def load_document(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         raise RunFileError("file is empty")
@@ -269,6 +279,7 @@ def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
         window_source=source,
         message=str(block["verification_message"]) if block.get("verification_message") else None,
         local=local_counts_from_document(doc, tool=TOOL_NAME),
+        cost_usd=_recorded_cost(block),
     )
 
 

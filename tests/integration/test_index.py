@@ -49,3 +49,18 @@ def test_a_damaged_index_is_set_aside_and_rebuilt(tmp_path: Path) -> None:
     assert (tmp_path / "index.sqlite3.broken").exists()
     index.close()
     sqlite3.connect(db).close()
+
+
+def test_by_framework_sums_settled_runs_and_counts_unpriced(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite3")
+    rows = [("a", "verified", 0.5), ("b", "verified", None), ("c", "expired", None)]
+    for name, status, cost in rows:
+        p = tmp_path / f"{name}.json"
+        p.write_text("{}")
+        index.put([Finished(FileKey.of(p), "baes", name, 0, 1, status, 100, 10, cost)])
+    summary = index.by_framework()["baes"]
+    assert summary["runs"] == {"verified": 2, "expired": 1}
+    assert (summary["tokens_in"], summary["tokens_out"]) == (200, 20)  # settled runs only
+    assert summary["cost_usd"] == 0.5
+    assert summary["unpriced"] == 1
+    index.close()
