@@ -112,9 +112,13 @@ def _write_temp(path: Path, data: bytes, like: os.stat_result) -> Path:
         os.fsync(fd)
         os.fchmod(fd, stat.S_IMODE(like.st_mode))
         if (like.st_uid, like.st_gid) != (os.getuid(), os.getgid()):
-            # Keeping the owner needs privilege; without it the file keeps our group at best.
-            with contextlib.suppress(PermissionError):
+            # Keeping the owner needs privilege; without it, keep at least the group (allowed
+            # when we are a member of it, as the service user is of the experiments' group).
+            try:
                 os.fchown(fd, like.st_uid, like.st_gid)
+            except PermissionError:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, -1, like.st_gid)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)

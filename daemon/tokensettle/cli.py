@@ -116,7 +116,10 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(overrides, config_file=getattr(args, "config", None))
 
 
-def _client(settings: Settings, session: aiohttp.ClientSession) -> UsageClient:
+def _client(
+    settings: Settings, session: aiohttp.ClientSession, *, quick: bool = False
+) -> UsageClient:
+    """The Usage API client; `quick` (doctor) tries twice with a short timeout."""
     key = settings.secret_key()
     if not key:
         raise ConfigError(
@@ -128,8 +131,8 @@ def _client(settings: Settings, session: aiohttp.ClientSession) -> UsageClient:
         admin_key=key,
         session=session,
         rate_limit_per_min=settings.rate_limit_per_min,
-        request_timeout=settings.request_timeout.total_seconds(),
-        retry=RetryPolicy(attempts=settings.request_attempts),
+        request_timeout=10.0 if quick else settings.request_timeout.total_seconds(),
+        retry=RetryPolicy(attempts=2) if quick else RetryPolicy(attempts=settings.request_attempts),
     )
 
 
@@ -241,7 +244,7 @@ async def _doctor(args: argparse.Namespace) -> int:
     configure(level="error", fmt=settings.log_format)
     async with aiohttp.ClientSession() as session:
         key = settings.secret_key()
-        client = _client(settings, session) if key else None
+        client = _client(settings, session, quick=True) if key else None
         checks = await run_checks(settings, client)
     _emit(render_checks(checks))
     return doctor_exit_code(checks)

@@ -1,0 +1,589 @@
+"""`tokensettle doctor`: check what the daemon needs, and say how to fix what is missing.
+
+Checks: the configuration loaded; an admin key is set; the key can read usage (one tiny
+query for the last full minute); each framework that has runs has a scope (else the whole
+organisation's usage counts); the inotify watch limit covers the directories under the
+roots; each root exists and is writable; the state directory can be written.
+
+The decisions are pure functions of what was observed (`inotify_check`, `root_verdict`,
+`state_dir_verdict`, `scope_check`, `api_error_check`, ...), so most tests need no I/O;
+`run_checks` gathers the observations. `render` gives one line per check and `exit_code`
+the command's status: 0 when everything is ok or only warned, 1 on any failure, 3 when the
+Usage API refused the key (the CLI's authentication exit code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import math
+import os
+import pwd
+import re
+import secrets
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from tokensettle.config import ConfigError, Settings
+from tokensettle.discovery import Found, scan_all
+from tokensettle.usage import Scope
+from tokensettle.usage_api import AuthError, UsageApiError, UsageClient
+from tokensettle.watcher import choose_mode, fs_type
+from tokensettle.windows import MINUTE, Interval, floor_minute
+
+__all__ = [
+    "API_CHECK",
+    "CREATE_KEY_FIX",
+    "EXIT_AUTH",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "INOTIFY_LIMIT_FILE",
+    "Check",
+    "admin_key_check",
+    "api_error_check",
+    "api_not_checked",
+    "api_ok_check",
+    "config_check",
+    "config_error_check",
+    "count_dirs",
+    "exit_code",
+    "framework_env_var",
+    "inotify_check",
+    "inotify_not_used",
+    "last_full_minute",
+    "no_runs_check",
+    "read_inotify_limit",
+    "render",
+    "root_verdict",
+    "run_checks",
+    "scope_check",
+    "state_dir_verdict",
+    "suggested_watch_limit",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 3
+
+CONFIG_CHECK: Final = "config"
+KEY_CHECK: Final = "admin key"
+API_CHECK: Final = "usage api"
+INOTIFY_CHECK: Final = "inotify watches"
+STATE_CHECK: Final = "state dir"
+SCOPES_CHECK: Final = "scopes"
+
+INOTIFY_LIMIT_FILE: Final = Path("/proc/sys/fs/inotify/max_user_watches")
+#: Fail when the roots need more than this share of the per-user watch limit...
+INOTIFY_FAIL_SHARE: Final = 0.9
+#: ...and warn above this one: every process of the user (IDEs too) draws on the same limit.
+INOTIFY_WARN_SHARE: Final = 0.5
+INOTIFY_SUGGESTED_MIN: Final = 524_288
+
+PROBE_PREFIX: Final = ".tokensettle-doctor-"
+CREATE_KEY_FIX: Final = (
+    "create an admin key with api.usage.read (OpenAI platform: Organization settings > "
+    "Admin keys) and set it as TOKENSETTLE_ADMIN_KEY or the admin_key credential file"
+)
+_ENV_NAME: Final = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One finding. `ok`: True ok, None a warning, False a failure."""
+
+    name: str
+    ok: bool | None
+    detail: str
+    fix: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Pure decisions
+
+
+def config_check(settings: Settings) -> Check:
+    roots = ", ".join(str(r) for r in settings.runs_dirs) or "(none)"
+    source = f"config file {settings.config}" if settings.config else "no config file"
+    return Check(
+        CONFIG_CHECK,
+        True,
+        f"loaded ({source}); runs dirs {roots}; state dir {settings.state_dir}; "
+        f"API {settings.api_base_url}",
+    )
+
+
+def config_error_check(error: ConfigError) -> Check:
+    """For the CLI when `load_settings` fails: render it, then exit 2 (a config error)."""
+    return Check(
+        CONFIG_CHECK,
+        False,
+        str(error),
+        "correct the setting in the environment, the .env file or the TOML config",
+    )
+
+
+def admin_key_check(present: bool) -> Check:
+    if present:
+        return Check(KEY_CHECK, True, "set (the value is never shown)")
+    return Check(
+        KEY_CHECK,
+        False,
+        "no admin key: nothing can be settled",
+        "set TOKENSETTLE_ADMIN_KEY (or OPENAI_ADMIN_KEY), or provide a file named admin_key "
+        "(systemd: LoadCredential=admin_key:/etc/tokensettle/admin_key; Docker: the secret "
+        "/run/secrets/admin_key)",
+    )
+
+
+def last_full_minute(now: float) -> Interval:
+    """The last minute that has ended: `[m, m + 60)` with `m + 60 <= now`."""
+    start = floor_minute(now) - MINUTE
+    return Interval(start, start + MINUTE)
+
+
+def api_ok_check(rows: int, interval: Interval) -> Check:
+    return Check(
+        API_CHECK,
+        True,
+        f"the key can read usage (api.usage.read): {rows} row(s) in the minute "
+        f"{datetime.fromtimestamp(interval.start, UTC):%Y-%m-%d %H:%M} UTC",
+    )
+
+
+def api_error_check(error: UsageApiError | TimeoutError, base_url: str) -> Check:
+    if isinstance(error, AuthError):
+        return Check(API_CHECK, False, str(error), CREATE_KEY_FIX)
+    reason = str(error) if isinstance(error, UsageApiError) else "no answer in time"
+    return Check(
+        API_CHECK,
+        None,
+        f"could not reach the Usage API: {reason}",
+        f"check network access to {base_url} (proxy, firewall, DNS); the key was not "
+        "checked. The daemon retries on its own.",
+    )
+
+
+def api_not_checked(reason: str) -> Check:
+    return Check(API_CHECK, None, f"not checked: {reason}")
+
+
+def framework_env_var(framework: str) -> str | None:
+    """The seed-convention variable for a framework's key ids, if its name can be one."""
+    if not _ENV_NAME.fullmatch(framework):
+        return None
+    return f"OPENAI_API_KEY_{framework.upper()}_ID"
+
+
+def scope_check(framework: str, scope: Scope, runs: int) -> Check:
+    name = f"scope {framework}"
+    if not scope.is_organisation:
+        parts = []
+        if scope.api_key_ids:
+            parts.append(f"api_key_ids {', '.join(sorted(scope.api_key_ids))}")
+        if scope.project_ids:
+            parts.append(f"project_ids {', '.join(sorted(scope.project_ids))}")
+        return Check(name, True, f"{'; '.join(parts)} ({runs} run(s))")
+    env = framework_env_var(framework)
+    # Names that cannot be a variable are quoted: always a valid TOML key.
+    key = framework.lower() if env else json.dumps(framework.lower())
+    toml = f"[frameworks.{key}] api_key_ids = [...] in the TOML config"
+    fix = f"set {env}=key_... (comma-separated key ids), or {toml}" if env else f"add {toml}"
+    return Check(
+        name,
+        None,
+        f"no api_key_ids/project_ids: usage of the whole organisation counts ({runs} run(s))",
+        fix,
+    )
+
+
+def no_runs_check() -> Check:
+    return Check(SCOPES_CHECK, True, "no runs under the roots yet: no framework to match")
+
+
+def suggested_watch_limit(dirs: int) -> int:
+    """A power of two with room for twice the directories, at least 524288."""
+    want = max(2 * dirs, 1)
+    return max(INOTIFY_SUGGESTED_MIN, 1 << math.ceil(math.log2(want)))
+
+
+def inotify_check(limit: int, dirs: int) -> Check:
+    """`dirs` directories (one watch each) against the per-user watch `limit`."""
+    share = dirs / limit if limit > 0 else math.inf
+    pct = f"{share:.0%}" if math.isfinite(share) else "all"
+    detail = (
+        f"{dirs} directories under the roots need {pct} of fs.inotify.max_user_watches "
+        f"= {limit} (shared by every process of the user)"
+    )
+    if share <= INOTIFY_WARN_SHARE:
+        return Check(INOTIFY_CHECK, True, detail)
+    suggest = suggested_watch_limit(dirs)
+    fix = (
+        f"sudo sysctl fs.inotify.max_user_watches={suggest}, and keep it: echo "
+        f"fs.inotify.max_user_watches={suggest} | sudo tee /etc/sysctl.d/90-tokensettle.conf "
+        "(or TOKENSETTLE_WATCH_MODE=poll)"
+    )
+    ok: bool | None = None if share <= INOTIFY_FAIL_SHARE else False
+    return Check(INOTIFY_CHECK, ok, detail, fix)
+
+
+def inotify_not_used(reason: str) -> Check:
+    return Check(INOTIFY_CHECK, True, f"not used: {reason}")
+
+
+def _write_access_fix(path: Path, user: str) -> str:
+    return (
+        f"give {user} write access, e.g. chgrp -R <experiments group> {path} && "
+        f"chmod -R g+rwX {path} && find {path} -type d -exec chmod g+s {{}} + "
+        f"(with {user} in that group)"
+    )
+
+
+def root_verdict(
+    root: Path,
+    *,
+    exists: bool,
+    is_dir: bool,
+    accessible: bool,
+    probe_error: OSError | None,
+    user: str,
+    runs: int = 0,
+    reach_error: OSError | None = None,
+) -> Check:
+    """A runs root: it must be a directory we can enter and write (create, then delete, a
+    probe file). `accessible` is `os.access(root, W_OK | X_OK)`; `reach_error` is why
+    `stat` failed other than "no such file" (EACCES on a directory above it)."""
+    name = f"runs dir {root}"
+    if reach_error is not None:
+        return Check(
+            name,
+            False,
+            f"cannot be reached by {user}: {reach_error.strerror or reach_error}",
+            f"give {user} search (x) permission on every directory above {root}; under "
+            "systemd, ProtectHome=yes hides /home (use ProtectHome=read-only)",
+        )
+    if not exists:
+        return Check(
+            name,
+            False,
+            "does not exist",
+            f"create it (mkdir -p {root}) or correct TOKENSETTLE_RUNS_DIRS / --runs-dir",
+        )
+    if not is_dir:
+        return Check(
+            name,
+            False,
+            "is not a directory",
+            "point TOKENSETTLE_RUNS_DIRS at the directory holding "
+            "<framework>/<run_id>/metrics.json",
+        )
+    if probe_error is not None and probe_error.errno == errno.EROFS:
+        return Check(
+            name,
+            False,
+            "is on a read-only file system",
+            "under systemd list it in ReadWritePaths= (ProtectSystem=strict); in Docker "
+            "mount it without :ro",
+        )
+    if not accessible or (
+        probe_error is not None and probe_error.errno in (errno.EACCES, errno.EPERM)
+    ):
+        why = f": {probe_error.strerror}" if probe_error is not None else ""
+        return Check(name, False, f"not writable by {user}{why}", _write_access_fix(root, user))
+    if probe_error is not None:
+        return Check(
+            name,
+            False,
+            f"a test file could not be written: {probe_error.strerror or probe_error}",
+            "check the file system (space, quota, mount options)",
+        )
+    return Check(name, True, f"writable by {user}; {runs} run(s)")
+
+
+def state_dir_verdict(
+    state_dir: Path,
+    *,
+    inside_root: Path | None,
+    exists: bool,
+    is_dir: bool,
+    probe_error: OSError | None,
+    ancestor: Path | None,
+    ancestor_writable: bool,
+    user: str,
+) -> Check:
+    """The state directory (SQLite index): outside the watched roots, and writable, or
+    creatable under its nearest existing `ancestor`."""
+    name = STATE_CHECK
+    fix_move = (
+        "set TOKENSETTLE_STATE_DIR to a local directory outside the runs (under systemd: "
+        "StateDirectory= gives /var/lib/tokensettle)"
+    )
+    if inside_root is not None:
+        return Check(
+            name,
+            False,
+            f"{state_dir} is inside the watched root {inside_root}",
+            fix_move,
+        )
+    if exists and not is_dir:
+        return Check(name, False, f"{state_dir} is not a directory", fix_move)
+    if exists:
+        if probe_error is None:
+            return Check(name, True, f"{state_dir} is writable by {user}")
+        return Check(
+            name,
+            False,
+            f"{state_dir} is not writable by {user}: {probe_error.strerror or probe_error}",
+            f"chown {user} {state_dir}, or {fix_move}",
+        )
+    if ancestor is not None and ancestor_writable:
+        return Check(
+            name, True, f"{state_dir} does not exist yet; it will be created in {ancestor}"
+        )
+    where = ancestor if ancestor is not None else state_dir.anchor
+    return Check(
+        name,
+        False,
+        f"{state_dir} does not exist and cannot be created ({where} is not writable by {user})",
+        f"mkdir -p {state_dir} && chown {user} {state_dir}, or {fix_move}",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Output
+
+
+_LABELS: Final = {True: "ok", None: "WARN", False: "FAIL"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def render(checks: Sequence[Check]) -> str:
+    """One line per check (`ok`, `WARN` or `FAIL`, the name, the detail), and an indented
+    `fix:` line under any check that has one. No trailing newline."""
+    lines: list[str] = []
+    for check in checks:
+        lines.append(f"{_LABELS[check.ok]:<4}  {check.name}: {_one_line(check.detail)}")
+        if check.fix:
+            lines.append(f"      fix: {_one_line(check.fix)}")
+    return "\n".join(lines)
+
+
+def exit_code(checks: Iterable[Check]) -> int:
+    """0 when all are ok or warnings, 3 when the Usage API refused the key, else 1 on any
+    failure."""
+    checks = list(checks)
+    if any(c.name == API_CHECK and c.ok is False for c in checks):
+        return EXIT_AUTH
+    if any(c.ok is False for c in checks):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
+# Observations (I/O)
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _probe_write(directory: Path) -> OSError | None:
+    """Create and delete `.tokensettle-doctor-<random>.tmp` in `directory`."""
+    probe = directory / f"{PROBE_PREFIX}{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        return exc
+    os.close(fd)
+    try:
+        probe.unlink()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def read_inotify_limit(path: Path = INOTIFY_LIMIT_FILE) -> int | None:
+    """The per-user watch limit, or None where there is no such file (not Linux)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def count_dirs(root: Path) -> int:
+    """Directories under `root`, itself included: one inotify watch each. Symlinked
+    directories are not followed (the watcher does not follow them either)."""
+    count = 0
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        count += 1
+        try:
+            with os.scandir(directory) as entries:
+                stack.extend(Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class _Stat:
+    exists: bool
+    is_dir: bool
+    error: OSError | None = None  # e.g. EACCES on a directory above it
+
+
+def _stat(path: Path) -> _Stat:
+    """What `stat` says, without raising: pathlib's exists()/is_dir() raise on EACCES."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return _Stat(exists=False, is_dir=False)
+    except OSError as exc:
+        return _Stat(exists=False, is_dir=False, error=exc)
+    return _Stat(exists=True, is_dir=stat.S_ISDIR(st.st_mode))
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _root_check(root: Path, user: str, runs: int) -> Check:
+    found = _stat(root)
+    accessible = found.is_dir and os.access(root, os.W_OK | os.X_OK)
+    return root_verdict(
+        root,
+        exists=found.exists,
+        is_dir=found.is_dir,
+        accessible=accessible,
+        probe_error=_probe_write(root) if found.is_dir else None,
+        user=user,
+        runs=runs,
+        reach_error=found.error,
+    )
+
+
+def _state_check(state_dir: Path, roots: Sequence[Path], user: str) -> Check:
+    inside = next((r for r in roots if _stat(r).is_dir and _inside(state_dir, r)), None)
+    found = _stat(state_dir)
+    probe = _probe_write(state_dir) if found.is_dir and inside is None else None
+    if found.error is not None:
+        probe = found.error
+    ancestor: Path | None = None
+    if not found.exists and found.error is None:
+        ancestor = next((p for p in state_dir.absolute().parents if _stat(p).exists), None)
+    ancestor_writable = (
+        ancestor is not None and _stat(ancestor).is_dir and os.access(ancestor, os.W_OK | os.X_OK)
+    )
+    return state_dir_verdict(
+        state_dir,
+        inside_root=inside,
+        exists=found.exists or found.error is not None,
+        is_dir=found.is_dir or found.error is not None,
+        probe_error=probe,
+        ancestor=ancestor,
+        ancestor_writable=ancestor_writable,
+        user=user,
+    )
+
+
+def _inotify(settings: Settings, limit_file: Path) -> Check | None:
+    roots = [r for r in settings.runs_dirs if _stat(r).is_dir]
+    watched = [r for r in roots if choose_mode(settings.watch_mode, fs_type(r)) == "inotify"]
+    if not watched:
+        if settings.watch_mode == "poll":
+            return inotify_not_used("watch_mode=poll")
+        return inotify_not_used("no root is watched with inotify")
+    limit = read_inotify_limit(limit_file)
+    if limit is None:
+        return None  # no such file (not Linux): nothing to compare
+    return inotify_check(limit, sum(count_dirs(r) for r in watched))
+
+
+def _scan(roots: Sequence[Path]) -> list[Found]:
+    """The runs under every root that can be read (an unreadable root is reported by its
+    own check)."""
+    found: dict[Path, Found] = {}
+    for root in roots:
+        try:
+            items = scan_all([root])
+        except OSError:
+            continue
+        for item in items:
+            found.setdefault(item.path, item)
+    return list(found.values())
+
+
+def _filesystem_checks(settings: Settings, limit_file: Path) -> list[Check]:
+    user = _user()
+    roots = list(settings.runs_dirs)
+    found = _scan(roots)
+    per_root = Counter(f.root for f in found)
+    checks = [_root_check(r, user, per_root[r]) for r in roots]
+    checks.append(_state_check(Path(settings.state_dir), roots, user))
+    inotify = _inotify(settings, limit_file)
+    if inotify is not None:
+        checks.append(inotify)
+    per_framework = Counter(f.framework for f in found)
+    if not per_framework:
+        checks.append(no_runs_check())
+    checks.extend(
+        scope_check(fw, settings.scope_for(fw), n) for fw, n in sorted(per_framework.items())
+    )
+    return checks
+
+
+async def _api_check(
+    settings: Settings, client: UsageClient | None, now: float, seconds: float
+) -> Check:
+    if not settings.secret_key():
+        return api_not_checked("no admin key")
+    if client is None:
+        return api_not_checked("no Usage API client")
+    interval = last_full_minute(now)
+    try:
+        async with asyncio.timeout(seconds):
+            result = await client.fetch(interval)
+    except (UsageApiError, TimeoutError) as exc:
+        return api_error_check(exc, settings.api_base_url)
+    return api_ok_check(len(result.rows), interval)
+
+
+async def run_checks(
+    settings: Settings,
+    client: UsageClient | None,
+    *,
+    clock: Callable[[], float] = time.time,
+    inotify_limit_file: Path = INOTIFY_LIMIT_FILE,
+    api_timeout: float = 60.0,
+) -> list[Check]:
+    """Every check, in a stable order: config, admin key, Usage API, runs dirs, state dir,
+    inotify, scopes. The API query runs while the file system is looked at.
+
+    `client` may be None when there is no key to build one with. Give the CLI's client few
+    retries (e.g. `RetryPolicy(attempts=2)`): a doctor should answer in seconds.
+    """
+    head = [config_check(settings), admin_key_check(bool(settings.secret_key()))]
+    api = asyncio.create_task(_api_check(settings, client, clock(), api_timeout))
+    try:
+        files = await asyncio.to_thread(_filesystem_checks, settings, inotify_limit_file)
+    except BaseException:
+        api.cancel()
+        await asyncio.gather(api, return_exceptions=True)
+        raise
+    return [*head, await api, *files]
