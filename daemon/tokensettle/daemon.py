@@ -130,6 +130,14 @@ class Daemon:
         self.dirty_dirs.add(path)
         self._kick()
 
+    def on_gone(self, directory: Path) -> None:
+        """A directory was moved away or deleted: nothing under it exists at that path."""
+        for path in [p for p in self.tracked if p.is_relative_to(directory)]:
+            self._forget(path)
+        if self.index is not None:
+            self.index.forget_under(str(directory))
+        self._kick()
+
     def on_overflow(self) -> None:
         log.warning("watcher.overflow", action="rescan")
         self.rescan_requested = True
@@ -583,6 +591,7 @@ class Daemon:
                     on_file=self.on_file,
                     on_dir=self.on_dir,
                     on_overflow=self.on_overflow,
+                    on_gone=self.on_gone,
                     poll_interval=self.settings.poll_interval.total_seconds(),
                 )
                 self.watcher.start()
@@ -606,6 +615,9 @@ class Daemon:
                         log.error("watcher.died", action="exiting so the supervisor restarts us")
                         self.exit_code = EXIT_FAILED
                         break
+                    # Cleared before the step: an event arriving during it keeps `wake` set,
+                    # so the wait below returns at once instead of sleeping on a dirty path.
+                    self.wake.clear()
                     step = asyncio.create_task(self._step())
                     stopper = asyncio.create_task(self.stop_event.wait())
                     await asyncio.wait({step, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -618,7 +630,6 @@ class Daemon:
                             await step
                         break
                     step.result()
-                    self.wake.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(
                             self.wake.wait(), timeout=min(self._next_wake(), 30.0)

@@ -140,6 +140,13 @@ class Index:
         with self._transaction():
             self._db.executemany("DELETE FROM finished WHERE path=?", [(p,) for p in paths])
 
+    def forget_under(self, directory: str) -> None:
+        prefix = directory.rstrip("/") + "/"
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM finished WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+            )
+
     def overlapping(self, start: float, end: float) -> list[Finished]:
         """Finished runs whose [start, end] touches [start, end] (for attribution)."""
         rows = self._db.execute(

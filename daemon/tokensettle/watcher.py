@@ -21,9 +21,11 @@ from typing import Literal
 import structlog
 from watchdog.events import (
     DirCreatedEvent,
+    DirDeletedEvent,
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -44,7 +46,7 @@ NETWORK_FS = frozenset(
      "lustre", "gpfs", "vboxsf", "fuse.sshfs", "fuse.s3fs", "fuse.rclone"}
 )  # fmt: skip
 
-_INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent)
+_INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent)
 
 
 def fs_type(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> str | None:
@@ -80,16 +82,29 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            if isinstance(event, DirCreatedEvent | DirMovedEvent):
-                where = event.dest_path if isinstance(event, DirMovedEvent) else event.src_path
-                self._deliver("dir", Path(os.fsdecode(where)))
-            elif isinstance(event, _INTERESTING):
-                raw = event.dest_path if isinstance(event, FileMovedEvent) else event.src_path
+            self._route(event)
+        except Exception:  # a raise here would kill the observer thread
+            log.exception("watcher.handler_failed")
+
+    def _route(self, event: FileSystemEvent) -> None:
+        # A move is a disappearance at its source and an appearance at its destination;
+        # both matter, or a renamed run would leave a ghost at its old path.
+        if isinstance(event, DirMovedEvent):
+            self._deliver("gone", Path(os.fsdecode(event.src_path)))
+            self._deliver("dir", Path(os.fsdecode(event.dest_path)))
+        elif isinstance(event, DirDeletedEvent):
+            self._deliver("gone", Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, DirCreatedEvent):
+            self._deliver("dir", Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileMovedEvent):
+            for raw in (event.src_path, event.dest_path):
                 path = Path(os.fsdecode(raw))
                 if path.name == RUN_FILE:
                     self._deliver("file", path)
-        except Exception:
-            log.exception("watcher.handler_failed")
+        elif isinstance(event, _INTERESTING):
+            path = Path(os.fsdecode(event.src_path))
+            if path.name == RUN_FILE:
+                self._deliver("file", path)
 
 
 class _OverflowHook(logging.Handler):
@@ -112,7 +127,9 @@ class WatchedRoot:
 
 
 class Watcher:
-    """Watches roots; calls `on_file(path)` / `on_dir(path)` / `on_overflow()` on the loop."""
+    """Watches roots; calls `on_file(path)` (a run file may have changed or gone),
+    `on_dir(path)` (a directory appeared), `on_gone(path)` (a directory left) and
+    `on_overflow()` on the loop."""
 
     def __init__(
         self,
@@ -123,11 +140,11 @@ class Watcher:
         on_file: Callable[[Path], None],
         on_dir: Callable[[Path], None],
         on_overflow: Callable[[], None],
+        on_gone: Callable[[Path], None],
         poll_interval: float = 10.0,
     ) -> None:
         self._loop = loop
-        self._on_file = on_file
-        self._on_dir = on_dir
+        self._handlers = {"file": on_file, "dir": on_dir, "gone": on_gone}
         self._on_overflow = on_overflow
         self.roots = [WatchedRoot(r, choose_mode(mode, fs_type(r)), fs_type(r)) for r in roots]
         self._observers: list[BaseObserver] = []
@@ -140,7 +157,7 @@ class Watcher:
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _deliver(self, kind: str, path: Path) -> None:
-        self._call(self._on_file if kind == "file" else self._on_dir, path)
+        self._call(self._handlers[kind], path)
 
     def _overflow_from_thread(self) -> None:
         self._call(self._on_overflow)
