@@ -110,6 +110,7 @@ class Daemon:
         self.auth_retry_at: datetime | None = None
         self.last_api_success: datetime | None = None
         self.ready = False
+        self.ready_event = asyncio.Event()
         self.watcher: Watcher | None = None
         self.index: Index | None = None
         self.reconciler: Reconciler | None = None
@@ -597,6 +598,7 @@ class Daemon:
                 self.watcher.start()
                 await self.rescan("start")
                 self.ready = True
+                self.ready_event.set()
                 notify(
                     f"READY=1\nSTATUS=watching {len(self.roots)} root(s), "
                     f"{len(self.tracked)} run(s) pending"
