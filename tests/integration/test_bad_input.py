@@ -7,15 +7,13 @@ import json
 import os
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from tests.integration.conftest import FakeClock
-from tests.support.runs import SimControl, settings_for, virtual_request, write_run
+from tests.integration.conftest import Stage
+from tests.support.runs import virtual_request, write_run
 from tokensettle.atomic import MAX_FILE_BYTES
-from tokensettle.reconcile import Reconciler, Selection
-from tokensettle.simulator.server import SIMULATOR_ADMIN_KEY, RunningSimulator
-from tokensettle.usage_api import RetryPolicy, UsageClient
+from tokensettle.reconcile import Selection
+from tokensettle.simulator.server import SIMULATOR_ADMIN_KEY
 
 BAD_FILES: dict[str, bytes] = {
     "malformed": b'{"run_id": "x", "steps": [',
@@ -55,25 +53,8 @@ REASONS = {
 }
 
 
-def _client(sim: RunningSimulator, session: aiohttp.ClientSession, **kw: object) -> UsageClient:
-    return UsageClient(
-        base_url=sim.base_url,
-        admin_key=SIMULATOR_ADMIN_KEY,
-        session=session,
-        retry=RetryPolicy(attempts=2, base=0.01),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-async def test_bad_files_untouched_good_runs_settled(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
+async def test_bad_files_untouched_good_runs_settled(stage: Stage) -> None:
+    root, end, control, clock = stage.root, stage.end, stage.control, stage.clock
     good = write_run(root, "baes", "good", [(end - 100, end - 50), (end - 49, end)])
     await control.add([virtual_request(end - 60, "baes", 1000, 200, 2, 128)])
     bad: dict[str, Path] = {}
@@ -86,7 +67,7 @@ async def test_bad_files_untouched_good_runs_settled(
     huge.parent.mkdir(parents=True)
     huge.write_bytes(b'{"run_id": "huge", "pad": "' + b"x" * MAX_FILE_BYTES + b'"}')
     bad["huge"] = huge
-    outside = tmp_path / "elsewhere.json"
+    outside = stage.root.parent / "elsewhere.json"
     outside.write_text(
         json.dumps({"run_id": "evil", "start_timestamp": end - 10, "end_timestamp": end})
     )
@@ -96,18 +77,15 @@ async def test_bad_files_untouched_good_runs_settled(
     bad["symlink-out"] = link
     # A symlinked directory pointing outside the root is not even entered.
     (root / "ghspec").mkdir()
-    (tmp_path / "outside-run").mkdir()
-    (tmp_path / "outside-run" / "metrics.json").write_bytes(outside.read_bytes())
-    (root / "ghspec" / "linked-dir").symlink_to(tmp_path / "outside-run")
+    (stage.root.parent / "outside-run").mkdir()
+    (stage.root.parent / "outside-run" / "metrics.json").write_bytes(outside.read_bytes())
+    (root / "ghspec" / "linked-dir").symlink_to(stage.root.parent / "outside-run")
 
     before = {name: os.lstat(p).st_mtime_ns for name, p in bad.items()}
     raw_before = {name: p.read_bytes() for name, p in bad.items() if name != "symlink-out"}
     outside_before = outside.read_bytes()
 
-    settings = settings_for(
-        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
-    )
-    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    reconciler = stage.reconciler()
     report = await reconciler.run_once()
     clock.advance(minutes=2)
     report2 = await reconciler.run_once()
@@ -135,21 +113,11 @@ async def test_bad_files_untouched_good_runs_settled(
     )
 
 
-async def test_failed_requests_never_become_zero(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
+async def test_failed_requests_never_become_zero(stage: Stage) -> None:
+    root, end, control, clock = stage.root, stage.end, stage.control, stage.clock
     path = write_run(root, "chatdev", "r1", [(end - 300, end)])
     await control.add([virtual_request(end - 10, "chatdev", 5000, 700, 3)])
-    settings = settings_for(
-        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
-    )
-    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    reconciler = stage.reconciler()
 
     await control.faults({"kind": "500"}, {"kind": "503"})  # both tries of the one request
     report = await reconciler.run_once()
@@ -176,15 +144,8 @@ async def test_failed_requests_never_become_zero(
     assert statuses == ["pending", "pending", "pending", "verified"]
 
 
-async def test_lower_total_never_overwrites_higher(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
+async def test_lower_total_never_overwrites_higher(stage: Stage) -> None:
+    root, end, control, clock = stage.root, stage.end, stage.control, stage.clock
     path = write_run(root, "ghspec", "r1", [(end - 300, end)])
     await control.add(
         [
@@ -192,10 +153,7 @@ async def test_lower_total_never_overwrites_higher(
             virtual_request(end - 10, "ghspec", 1000, 100, 1),
         ]
     )
-    settings = settings_for(
-        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
-    )
-    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
+    reconciler = stage.reconciler()
     await reconciler.run_once()
     clock.advance(minutes=2)
     assert (await reconciler.run_once()).outcomes[0].state == "verified"
@@ -214,21 +172,12 @@ async def test_lower_total_never_overwrites_higher(
     assert "went down" in doc["usage_api_reconciliation"]["verification_message"]
 
 
-async def test_auth_failure_stops_everything_and_writes_nothing(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
+async def test_auth_failure_stops_everything_and_writes_nothing(stage: Stage) -> None:
+    root, end, control = stage.root, stage.end, stage.control
     path = write_run(root, "baes", "r1", [(end - 30, end)])
     raw = path.read_bytes()
     await control.keys(admin=[SIMULATOR_ADMIN_KEY], unscoped=["sk-proj-notadmin"])
-    settings = settings_for(root, sim.base_url, "sk-proj-notadmin", min_age="0s")
-    client = UsageClient(base_url=sim.base_url, admin_key="sk-proj-notadmin", session=session)
-    report = await Reconciler(settings, client, clock=clock).run_once()
+    report = await stage.reconciler("sk-proj-notadmin").run_once()
     assert report.auth_error is not None and "api.usage.read" in report.auth_error
     assert "sk-proj-notadmin" not in report.auth_error
     assert path.read_bytes() == raw
@@ -236,28 +185,14 @@ async def test_auth_failure_stops_everything_and_writes_nothing(
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o600])
-async def test_write_keeps_mode_and_formatting(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-    mode: int,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
+async def test_write_keeps_mode_and_formatting(stage: Stage, mode: int) -> None:
+    root, end, control = stage.root, stage.end, stage.control
     path = write_run(root, "baes", "r1", [(end - 30, end)], extra={"note": "caf\u00e9 \u2705"})
     # Re-save with 4-space indent, raw UTF-8 and a trailing newline: all must be kept.
     path.write_text(json.dumps(json.loads(path.read_text()), indent=4, ensure_ascii=False) + "\n")
     path.chmod(mode)
     await control.add([virtual_request(end - 5, "baes", 10, 5, 1)])
-    settings = settings_for(
-        root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
-    )
-    reconciler = Reconciler(settings, _client(sim, session), clock=clock)
-    await reconciler.run_once()
-    clock.advance(minutes=2)
-    assert (await reconciler.run_once()).outcomes[0].state == "verified"
+    assert await stage.settle(stage.reconciler()) == ["verified"]
     text = path.read_text()
     assert (path.stat().st_mode & 0o777) == mode
     assert text.endswith("}\n") and '    "run_id"' in text and "caf\u00e9 \u2705" in text

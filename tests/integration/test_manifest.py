@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import FakeClock
+from tests.integration.conftest import FakeClock, Stage
 from tests.support.runs import (
     SimControl,
     pending_from_fixture,
@@ -123,28 +123,10 @@ def test_concurrent_updates_under_the_lock_lose_nothing(fixtures_dir: Path, tmp_
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
-async def test_owner_is_kept(
-    tmp_path: Path,
-    sim: RunningSimulator,
-    session: aiohttp.ClientSession,
-    control: SimControl,
-    clock: FakeClock,
-) -> None:
-    root = tmp_path / "runs"
-    end = clock.now.timestamp() - 3600
-    path = write_run(root, "baes", "r1", [(end - 30, end)])
+async def test_owner_is_kept(stage: Stage) -> None:
+    path = write_run(stage.root, "baes", "r1", [(stage.end - 30, stage.end)])
     os.chown(path, 4321, 4322)
-    await control.add([virtual_request(end - 5, "baes", 10, 5, 1)])
-    client = UsageClient(base_url=sim.base_url, admin_key=SIMULATOR_ADMIN_KEY, session=session)
-    reconciler = Reconciler(
-        settings_for(
-            root, sim.base_url, SIMULATOR_ADMIN_KEY, min_age="0s", stability_interval="1m"
-        ),
-        client,
-        clock=clock,
-    )
-    await reconciler.run_once()
-    clock.advance(minutes=2)
-    assert (await reconciler.run_once()).outcomes[0].state == "verified"
+    await stage.control.add([virtual_request(stage.end - 5, "baes", 10, 5, 1)])
+    assert await stage.settle(stage.reconciler()) == ["verified"]
     st = path.stat()
     assert (st.st_uid, st.st_gid) == (4321, 4322)
