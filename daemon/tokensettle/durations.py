@@ -43,3 +43,19 @@ def format_duration(td: timedelta) -> str:
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def human_duration(td: timedelta | None) -> str:
+    """A short reading form: 45s, 12m30s, 3h05m, 2d04h; `-` for none."""
+    if td is None:
+        return "-"
+    seconds = round(td.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{sign}{seconds}s"
+    if seconds < 3600:
+        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{sign}{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{sign}{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"

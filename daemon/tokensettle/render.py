@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from tokensettle.durations import human_duration
 from tokensettle.reconcile import BatchReport, RunOutcome
 from tokensettle.runfile import iso
-
-
-def human_age(td: timedelta | None) -> str:
-    if td is None:
-        return "-"
-    seconds = int(td.total_seconds())
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    if seconds < 3600:
-        return f"{sign}{seconds // 60}m"
-    if seconds < 86400:
-        return f"{sign}{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{sign}{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
 def _tokens(o: RunOutcome) -> str:
@@ -111,10 +99,14 @@ def list_human(outcomes: Sequence[RunOutcome], now: datetime) -> str:
         [
             o.framework,
             o.run_id or o.path.parent.name,
-            human_age(o.age(now)),
+            human_duration(o.age(now)),
             o.state,
             str(o.attempts),
-            ("now" if o.next_due is not None and o.next_due <= now else human_age(o.next_due - now))
+            (
+                "now"
+                if o.next_due is not None and o.next_due <= now
+                else human_duration(o.next_due - now)
+            )
             if o.next_due is not None
             else "-",
             o.message,

@@ -33,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+from tokensettle.durations import human_duration as fmt_duration
+
 Format = Literal["table", "csv", "json", "html"]
 FORMATS: tuple[Format, ...] = ("table", "csv", "json", "html")
 BLOCK = "usage_api_reconciliation"
@@ -382,21 +384,6 @@ def fmt_cost(value: Decimal | None, complete: bool = True) -> str:
     if value is None:
         return "-"
     return f"{value:.6f}" + ("" if complete else "*")
-
-
-def fmt_duration(td: timedelta | None) -> str:
-    if td is None:
-        return "-"
-    seconds = round(td.total_seconds())
-    sign = "-" if seconds < 0 else ""
-    seconds = abs(seconds)
-    if seconds < 60:
-        return f"{sign}{seconds}s"
-    if seconds < 3600:
-        return f"{sign}{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{sign}{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    return f"{sign}{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
 def fmt_statuses(by_status: Mapping[str, int]) -> str:
