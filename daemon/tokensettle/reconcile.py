@@ -498,8 +498,8 @@ class Reconciler:
         if not dry_run and verdict.writes_tokens:
             self._manifest(record, verdict, usage, now)
         common = {"run_id": record.run_id, "framework": record.framework}
-        if settled.model_warning:
-            log.warning("run.model_mismatch", **common, warning=settled.model_warning)
+        for kind, message in settled.findings:
+            log.warning(f"run.{kind}", **common, detail=message)
         if share is None or usage is None:
             log.warning(
                 "run.attempt_failed", **common, status=verdict.status.value, error=seen.error

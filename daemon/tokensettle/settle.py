@@ -35,7 +35,8 @@ class Settled:
     verdict: Verdict
     patch: Patch
     totals: Usage | None
-    model_warning: str | None = None
+    #: (kind, message) pairs worth a log line: unpriced models, bad local counts, odd usage
+    findings: tuple[tuple[str, str], ...] = ()
 
 
 def query_window(record: RunRecord, grace: int) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def settle(
     cost_usd: float | None = None
     cost_breakdown: dict[str, Any] | None = None
     cached: int | None = None
-    warning: str | None = None
+    findings: list[tuple[str, str]] = []
     if verdict.writes_tokens:
         cost = price_models(share.models, record.start, total=usage)
         breakdown = breakdown_of_share(share, configured_model=record.model)
@@ -160,7 +161,11 @@ def settle(
         extra["local_vs_provider"] = {**comparison.to_json(), "local": record.local.to_json()}
         cost_usd, cost_breakdown = cost.cost_usd_value(), cost.seed_cost_breakdown()
         cached = breakdown.cached_tokens
-        warning = breakdown.model_warning
+        findings += [("unpriced", f"{m}: {u.reason}") for m, u in sorted(cost.unpriced.items())]
+        findings += [("usage_problem", p) for p in breakdown.problems]
+        findings += [("local_counts_invalid", i.reason) for i in record.local.invalid]
+        if breakdown.model_warning:
+            findings.append(("model_mismatch", breakdown.model_warning))
     patch = Patch(
         verdict,
         attempt,
@@ -173,4 +178,4 @@ def settle(
         cost_breakdown=cost_breakdown,
         cached_tokens=cached,
     )
-    return Settled(verdict, patch, usage, warning)
+    return Settled(verdict, patch, usage, tuple(findings))
