@@ -47,6 +47,20 @@ NETWORK_FS = frozenset(
 )  # fmt: skip
 
 _INTERESTING = (FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent)
+#: What we subscribe to. watchdog builds the inotify mask from this, so opens and
+#: no-write closes are not even queued by the kernel: our own scans open every directory,
+#: and with them subscribed a big tree overflows the queue, which triggers a rescan, which
+#: opens every directory again (measured: 130% CPU idle over 100,000 run directories).
+EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
 
 
 def fs_type(path: Path, mounts_file: Path = Path("/proc/self/mounts")) -> str | None:
@@ -169,10 +183,14 @@ class Watcher:
         for watched in self.roots:
             if watched.mode == "poll":
                 polling = polling or PollingObserver(timeout=self._poll_interval)
-                polling.schedule(handler, str(watched.root), recursive=True)
+                polling.schedule(
+                    handler, str(watched.root), recursive=True, event_filter=EVENT_FILTER
+                )
             else:
                 inotify = inotify or Observer()
-                inotify.schedule(handler, str(watched.root), recursive=True)
+                inotify.schedule(
+                    handler, str(watched.root), recursive=True, event_filter=EVENT_FILTER
+                )
             log.info(
                 "watcher.watching", root=str(watched.root), mode=watched.mode, fstype=watched.fstype
             )
