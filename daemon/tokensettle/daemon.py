@@ -27,7 +27,15 @@ from aiohttp import web
 from tokensettle import __version__
 from tokensettle.atomic import read_snapshot
 from tokensettle.config import ConfigError, Settings, load_settings
-from tokensettle.discovery import RUN_FILE, Found, framework_of, scan_all
+from tokensettle.discovery import (
+    RUN_FILE,
+    SYMLINK_REASON,
+    Found,
+    found_of,
+    framework_of,
+    run_entries,
+    scan_all,
+)
 from tokensettle.index import FileKey, Finished, Index
 from tokensettle.logs import configure
 from tokensettle.metrics import Metrics
@@ -203,7 +211,7 @@ class Daemon:
             path,
             root,
             framework_of(path),
-            "is a symlink; not followed or written" if path.is_symlink() else None,
+            SYMLINK_REASON if path.is_symlink() else None,
         )
         if raw is not None:
             loaded = Loaded(found)
@@ -279,34 +287,37 @@ class Daemon:
     # ------------------------------------------------------------------ scanning
 
     def _scan_blocking(
-        self, known: Mapping[str, FileKey]
-    ) -> tuple[list[tuple[FileKey, Loaded]], set[Path]]:
+        self, known: Mapping[str, tuple[int, int, int]]
+    ) -> tuple[list[tuple[FileKey, Loaded]], set[str]]:
         """Stat every run file; parse only those the index does not know as finished.
-        Returns the parsed ones and every run file path seen."""
+        Returns the parsed ones and every run file path seen. Objects are built only for
+        files that need parsing: a restart over 100,000 finished runs is a stat each."""
         out: list[tuple[FileKey, Loaded]] = []
-        seen: set[Path] = set()
-        for found in scan_all(self.roots):
-            try:
-                key = FileKey.of(found.path)
-            except OSError:
-                continue
-            seen.add(found.path)
-            if known.get(key.path) == key:
-                continue
-            (loaded,) = load_runs([found], self._grace)
-            out.append((key, loaded))
+        seen: set[str] = set()
+        for root in self.roots:
+            for entry in run_entries(root):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                seen.add(entry.path)
+                if known.get(entry.path) == (st.st_ino, st.st_size, st.st_mtime_ns):
+                    continue
+                key = FileKey(entry.path, st.st_ino, st.st_size, st.st_mtime_ns)
+                (loaded,) = load_runs([found_of(entry, root)], self._grace)
+                out.append((key, loaded))
         return out, seen
 
     async def rescan(self, reason: str) -> None:
         assert self.index is not None
         started = time.monotonic()
-        known = self.index.all_keys()
+        known = self.index.versions()
         results, seen = await asyncio.to_thread(self._scan_blocking, known)
         for key, loaded in results:
             self._admit(key, loaded, trailing=True)
-        for path in [p for p in self.tracked if p not in seen]:
+        for path in [p for p in self.tracked if str(p) not in seen]:
             self._forget(path)
-        missing = [p for p in known if Path(p) not in seen]
+        missing = [p for p in known if p not in seen]
         if missing:
             self.index.forget(missing)
         self.next_rescan = time.monotonic() + self.settings.rescan_interval.total_seconds()

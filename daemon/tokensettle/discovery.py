@@ -29,29 +29,45 @@ def framework_of(path: Path) -> str:
     return path.parent.parent.name
 
 
-def scan(root: Path) -> Iterator[Found]:
-    if not root.is_dir():
-        return
-    stack = [root]
+SYMLINK_REASON = "is a symlink; not followed or written"
+
+
+def run_entries(root: Path, *, ordered: bool = False) -> Iterator[os.DirEntry[str]]:
+    """The directory entries of every run file under `root` (cheap: no Path objects, and
+    the entry caches its lstat for the caller)."""
+    top = str(root)
+    stack = [top]
     while stack:
         directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            with os.scandir(directory) as it:
+                entries = list(it)
         except OSError:
             continue
         run_file = next((e for e in entries if e.name == RUN_FILE), None)
-        if run_file is not None and Path(run_file.path).parent != root:
-            path = Path(run_file.path)
-            if run_file.is_symlink():
-                yield Found(path, root, framework_of(path), "is a symlink; not followed or written")
-            elif run_file.is_file(follow_symlinks=False):
-                yield Found(path, root, framework_of(path))
+        if run_file is not None and directory != top:
+            if run_file.is_symlink() or run_file.is_file(follow_symlinks=False):
+                yield run_file
             continue
+        if ordered:
+            entries.sort(key=lambda e: e.name, reverse=True)
         stack.extend(
-            Path(e.path)
-            for e in sorted(entries, key=lambda e: e.name, reverse=True)
+            e.path
+            for e in entries
             if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
         )
+
+
+def found_of(entry: os.DirEntry[str], root: Path) -> Found:
+    path = Path(entry.path)
+    return Found(path, root, framework_of(path), SYMLINK_REASON if entry.is_symlink() else None)
+
+
+def scan(root: Path) -> Iterator[Found]:
+    if not root.is_dir():
+        return
+    for entry in run_entries(root, ordered=True):
+        yield found_of(entry, root)
 
 
 def scan_all(roots: list[Path]) -> list[Found]:

@@ -109,9 +109,10 @@ class Index:
         ).fetchone()
         return Finished(key, *row) if row else None
 
-    def all_keys(self) -> dict[str, FileKey]:
+    def versions(self) -> dict[str, tuple[int, int, int]]:
+        """path -> (inode, size, mtime_ns) of every finished file (cheap to hold for 100k)."""
         rows = self._db.execute("SELECT path, inode, size, mtime_ns FROM finished")
-        return {r[0]: FileKey(*r) for r in rows}
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
     def put(self, rows: Iterable[Finished]) -> None:
         with self._transaction():
