@@ -87,6 +87,13 @@ class Tracked:
         }
 
 
+@dataclass
+class _Scan:
+    finished: list[Finished] = field(default_factory=list)
+    other: list[tuple[FileKey, Loaded]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
 def _digest(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()
 
@@ -286,38 +293,43 @@ class Daemon:
 
     # ------------------------------------------------------------------ scanning
 
-    def _scan_blocking(
-        self, known: Mapping[str, tuple[int, int, int]]
-    ) -> tuple[list[tuple[FileKey, Loaded]], set[str]]:
+    def _scan_blocking(self, known: Mapping[str, tuple[int, int, int]]) -> _Scan:
         """Stat every run file; parse only those the index does not know as finished.
-        Returns the parsed ones and every run file path seen. Objects are built only for
-        files that need parsing: a restart over 100,000 finished runs is a stat each."""
-        out: list[tuple[FileKey, Loaded]] = []
-        seen: set[str] = set()
+        Objects are built only for files that need parsing, and a finished run is kept as
+        its small index row, not its bytes: a restart over 100,000 runs stays cheap."""
+        scan = _Scan()
         for root in self.roots:
             for entry in run_entries(root):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                seen.add(entry.path)
+                scan.seen.add(entry.path)
                 if known.get(entry.path) == (st.st_ino, st.st_size, st.st_mtime_ns):
                     continue
                 key = FileKey(entry.path, st.st_ino, st.st_size, st.st_mtime_ns)
                 (loaded,) = load_runs([found_of(entry, root)], self._grace)
-                out.append((key, loaded))
-        return out, seen
+                if loaded.record is not None and loaded.record.status in TERMINAL:
+                    scan.finished.append(_finished(key, loaded.record))
+                else:
+                    scan.other.append((key, loaded))
+        return scan
 
     async def rescan(self, reason: str) -> None:
         assert self.index is not None
         started = time.monotonic()
         known = self.index.versions()
-        results, seen = await asyncio.to_thread(self._scan_blocking, known)
-        for key, loaded in results:
+        scan = await asyncio.to_thread(self._scan_blocking, known)
+        self.index.put(scan.finished)
+        for row in scan.finished:
+            path = Path(row.key.path)
+            self.tracked.pop(path, None)
+            self.heap.set(path, None)
+        for key, loaded in scan.other:
             self._admit(key, loaded, trailing=True)
-        for path in [p for p in self.tracked if str(p) not in seen]:
+        for path in [p for p in self.tracked if str(p) not in scan.seen]:
             self._forget(path)
-        missing = [p for p in known if p not in seen]
+        missing = [p for p in known if p not in scan.seen]
         if missing:
             self.index.forget(missing)
         self.next_rescan = time.monotonic() + self.settings.rescan_interval.total_seconds()
@@ -325,7 +337,7 @@ class Daemon:
         log.info(
             "daemon.rescanned",
             reason=reason,
-            parsed=len(results),
+            parsed=len(scan.finished) + len(scan.other),
             skipped_finished=len(known) - len(missing),
             tracked=len(self.tracked),
             seconds=round(time.monotonic() - started, 3),
@@ -606,7 +618,9 @@ class Daemon:
                     on_gone=self.on_gone,
                     poll_interval=self.settings.poll_interval.total_seconds(),
                 )
-                self.watcher.start()
+                # Watch first, then scan: a file written in between is seen by both, never
+                # by neither. (watchdog adds one inotify watch per directory in start().)
+                await asyncio.to_thread(self.watcher.start)
                 await self.rescan("start")
                 self.ready = True
                 self.ready_event.set()
