@@ -31,49 +31,25 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from common import BIN, free_port, get, post
+from common import iso_z as iso
+
 ADMIN = "sk-admin-simulator-0000"
 MODEL = "gpt-4o-mini-2024-07-18"
 PROJECT = "proj_bench"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(url: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(  # noqa: S310 - loopback only
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-        return json.loads(resp.read() or b"null")
-
-
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310
-        return json.loads(resp.read())
-
-
 def seconds(text: str) -> float:
     return float(text[:-1]) * UNITS[text[-1]]
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def run_doc(run_id: str, steps: list[tuple[float, float]]) -> bytes:

@@ -16,14 +16,13 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from common import BIN, free_port, get, post
 
 KEYS = {
     "chatdev": "key_chatdevBENCH01",
@@ -31,26 +30,6 @@ KEYS = {
     "ghspec": "key_ghspecBENCH003",
 }
 ADMIN = "sk-admin-simulator-0000"
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(url: str, body: dict[str, Any]) -> Any:
-    req = urllib.request.Request(  # noqa: S310 - loopback only
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
-        return json.loads(resp.read() or b"null")
-
-
-def get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310
-        return json.loads(resp.read())
 
 
 def write_runs(

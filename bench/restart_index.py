@@ -22,23 +22,16 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+from common import BIN, free_port
+
 FRAMEWORKS = {"chatdev": "key_chatdevBENCH01", "baes": "key_baesBENCH00002", "ghspec": "key_gh3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def iso(ts: float) -> str:
