@@ -124,7 +124,6 @@ class Daemon:
         self.auth_error: str | None = None
         self.auth_retry_at: datetime | None = None
         self.last_api_success: datetime | None = None
-        self.ready = False
         self.ready_event = asyncio.Event()
         self.watcher: Watcher | None = None
         self.index: Index | None = None
@@ -439,6 +438,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ health and HTTP
 
+    @property
+    def ready(self) -> bool:
+        """True once the first scan is done and READY=1 was sent."""
+        return self.ready_event.is_set()
+
     def health(self) -> dict[str, Any]:
         watcher_ok = self.watcher is not None and self.watcher.alive()
         self.metrics.watcher_alive.set(1 if watcher_ok else 0)
@@ -622,7 +626,6 @@ class Daemon:
                 # by neither. (watchdog adds one inotify watch per directory in start().)
                 await asyncio.to_thread(self.watcher.start)
                 await self.rescan("start")
-                self.ready = True
                 self.ready_event.set()
                 notify(
                     f"READY=1\nSTATUS=watching {len(self.roots)} root(s), "
