@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port, get, post
+from common import BIN, free_port, fresh_aggregates, get, post
 from common import iso_z as iso
 
 ADMIN = "sk-admin-simulator-0000"
@@ -70,14 +70,7 @@ def run_doc(run_id: str, steps: list[tuple[float, float]]) -> bytes:
             }
             for k, (s, e) in enumerate(steps)
         ],
-        "aggregate_metrics": {
-            "AUTR": 1.0,
-            "TOK_IN": 0,
-            "TOK_OUT": 0,
-            "API_CALLS": 0,
-            "CACHED_TOKENS": 0,
-            "AEI": 0.0,
-        },
+        "aggregate_metrics": fresh_aggregates(),
     }
     return json.dumps(doc, indent=2).encode()
 

@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port
+from common import BIN, free_port, fresh_aggregates
 from common import iso_z as iso
 
 WRITERS = {"inplace": "chatdev", "rename": "baes", "newdir": "ghspec"}
@@ -64,14 +64,7 @@ def run_bytes(run_id: str, end: float) -> bytes:
         "start_timestamp": iso(start),
         "end_timestamp": iso(end),
         "steps": steps,
-        "aggregate_metrics": {
-            "AUTR": 1.0,
-            "TOK_IN": 0,
-            "TOK_OUT": 0,
-            "API_CALLS": 0,
-            "CACHED_TOKENS": 0,
-            "AEI": 0.0,
-        },
+        "aggregate_metrics": fresh_aggregates(),
         "verification_status": "pending",
     }
     return json.dumps(doc, indent=2).encode()

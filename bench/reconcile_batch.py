@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port, get, post
+from common import BIN, free_port, fresh_aggregates, get, post
 
 KEYS = {
     "chatdev": "key_chatdevBENCH01",
@@ -79,14 +79,7 @@ def write_runs(
         doc = {
             "run_id": f"run-{i:04d}",
             "steps": steps,
-            "aggregate_metrics": {
-                "AUTR": 1.0,
-                "TOK_IN": 0,
-                "TOK_OUT": 0,
-                "API_CALLS": 0,
-                "CACHED_TOKENS": 0,
-                "AEI": 0.0,
-            },
+            "aggregate_metrics": fresh_aggregates(),
         }
         path = root / fw / f"run-{i:04d}" / "metrics.json"
         path.parent.mkdir(parents=True)
