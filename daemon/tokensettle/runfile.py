@@ -190,8 +190,14 @@ def _attempt_record(raw: object) -> AttemptRecord | None:
         _count(raw.get("total_api_calls")) or 0,
         _count(raw.get("total_cached_tokens")) or 0,
     )
-    fp = raw.get("fingerprint")
-    return AttemptRecord(ts, totals, fp if isinstance(fp, str) else None, None)
+    fp, owners = raw.get("fingerprint"), raw.get("owners")
+    return AttemptRecord(
+        ts,
+        totals,
+        fp if isinstance(fp, str) else None,
+        None,
+        owners if isinstance(owners, str) else None,
+    )
 
 
 def _written_totals(block: Mapping[str, Any]) -> Totals | None:

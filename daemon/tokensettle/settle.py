@@ -15,7 +15,15 @@ from tokensettle.breakdown import breakdown_of_share
 from tokensettle.compare import DEFAULT_TOLERANCE, compare
 from tokensettle.pricing import price_models
 from tokensettle.runfile import Patch, RunRecord, iso
-from tokensettle.stability import AttemptRecord, Policy, Totals, Verdict, decide, fingerprint
+from tokensettle.stability import (
+    AttemptRecord,
+    Policy,
+    Totals,
+    Verdict,
+    decide,
+    fingerprint,
+    owners_fingerprint,
+)
 from tokensettle.usage import Usage
 
 
@@ -100,9 +108,10 @@ def settle(
     usage = share.usage
     totals = Totals.of(usage)
     fp = fingerprint(share.per_minute)
+    owners = owners_fingerprint(share.co_owners())
     verdict = decide(
         record.attempts,
-        AttemptRecord(now, totals, fp, None),
+        AttemptRecord(now, totals, fp, None, owners),
         previous_status=record.status,
         run_end=record.end,
         policy=policy,
@@ -119,6 +128,7 @@ def settle(
         "total_cached_tokens": totals.cached,
         "query_window": query_window(record, grace),
         "fingerprint": fp,
+        "owners": owners,
         "status": verdict.status.value,
         "exact_tokens": share.exact.total_tokens,
         "apportioned_tokens": share.apportioned.total_tokens,

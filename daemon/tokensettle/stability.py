@@ -15,7 +15,7 @@ Pure: every time is passed in. Rules (DESIGN.md, "Stability and statuses"):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -79,6 +79,9 @@ class AttemptRecord:
     totals: Totals | None
     fingerprint: str | None = None
     error: str | None = None
+    #: fingerprint of the other runs this poll shared the run's minutes with (None: not
+    #: recorded, e.g. an older tokensettle or another tool)
+    owners: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +97,8 @@ class Policy:
     max_backoff: timedelta
     retry_delay: timedelta
     apportion_tolerance: float
+    #: longest run window polled; a longer one is an error of the run (None: no bound)
+    max_window: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +126,34 @@ def fingerprint(per_minute: Mapping[int, Usage]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def owners_fingerprint(others: Iterable[str]) -> str:
+    """A short hash of the set of other owners a run's minutes were shared with."""
+    h = hashlib.sha256()
+    for key in sorted(set(others)):
+        h.update(key.encode("utf-8", "surrogateescape") + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def since_owners_changed(
+    history: Sequence[AttemptRecord], new: AttemptRecord
+) -> list[AttemptRecord]:
+    """The attempts that still describe the same attribution as `new`: those after the
+    last successful attempt whose set of co-owners differs. When a neighbour appears (or
+    goes), the run's share of its minutes changes, so earlier polls no longer confirm it
+    and a drop they show is explained, not a warning. Failed attempts carry no owners and
+    do not break the run."""
+    kept: list[AttemptRecord] = []
+    for attempt in reversed(history):
+        if attempt.ok and attempt.owners != new.owners:
+            break
+        kept.append(attempt)
+    kept.reverse()
+    return kept
+
+
 def _same_data(a: AttemptRecord, b: AttemptRecord) -> bool:
+    if a.owners != b.owners:
+        return False
     if a.fingerprint is not None and b.fingerprint is not None:
         return a.fingerprint == b.fingerprint
     # Attempts written by other tools carry totals only.
@@ -169,8 +201,15 @@ def _consecutive_empty(history: Sequence[AttemptRecord]) -> int:
     return n
 
 
-def _backoff(base: timedelta, n: int, cap: timedelta) -> timedelta:
-    grown: timedelta = base * (2 ** max(0, n - 1))
+def backoff(base: timedelta, n: int, cap: timedelta) -> timedelta:
+    """`base` doubled `n - 1` times, capped at `cap`: the one backoff rule (failed polls,
+    empty windows, failed writes). Doubling stops at the cap, so a run that fails or stays
+    empty for thousands of polls never overflows timedelta."""
+    grown = base
+    for _ in range(max(0, n - 1)):
+        if grown >= cap or grown <= timedelta(0):
+            break
+        grown = grown * 2
     return min(grown, cap)
 
 
@@ -188,10 +227,10 @@ def next_due(
     last = history[-1]
     failures = _consecutive_failures(history)
     if failures:
-        due = last.timestamp + _backoff(policy.retry_delay, failures, policy.max_backoff)
+        due = last.timestamp + backoff(policy.retry_delay, failures, policy.max_backoff)
     elif status == Status.DATA_NOT_AVAILABLE:
         empties = _consecutive_empty(history)
-        due = last.timestamp + _backoff(policy.stability_interval, empties, policy.max_backoff)
+        due = last.timestamp + backoff(policy.stability_interval, empties, policy.max_backoff)
     else:
         due = last.timestamp + policy.stability_interval
     return min(due, run_end + policy.max_age)
@@ -214,7 +253,8 @@ def decide(
     """Classify `new` against the run's earlier attempts.
 
     `written` is what an earlier verification put in the file: new totals below it are a
-    warning, never an overwrite.
+    warning, never an overwrite. Only the attempts since the run's co-owners last changed
+    (`since_owners_changed`) count toward stability or make a drop a warning.
     """
     attempts = [*history, new]
     deadline = run_end + policy.max_age
@@ -232,16 +272,27 @@ def decide(
         return Verdict(status, message, due)
 
     if not new.ok or new.totals is None:
-        keep = previous_status if previous_status not in (None, *TERMINAL) else Status.PENDING
-        return pending(keep or Status.PENDING, f"attempt failed, will retry: {new.error}")
+        if previous_status in TERMINAL:
+            # A forced re-poll of a settled run failed: the run keeps what it had.
+            assert previous_status is not None
+            return Verdict(
+                previous_status,
+                f"{previous_status.value}; the numbers are kept: a later attempt failed "
+                f"({new.error})",
+                None,
+            )
+        return pending(
+            previous_status or Status.PENDING, f"attempt failed, will retry: {new.error}"
+        )
 
     totals = new.totals
-    earlier_ok = [a.totals for a in _ok_attempts(history) if a.totals is not None]
-    if written is not None:
-        earlier_ok.append(written)
+    relevant = since_owners_changed(history, new)
+    owners_changed = len(_ok_attempts(relevant)) < len(_ok_attempts(history))
+    earlier_ok = [a.totals for a in _ok_attempts(relevant) if a.totals is not None]
+    floors = [*earlier_ok, written] if written is not None else earlier_ok
     peak = (
-        Totals(*(max(f) for f in zip(*(t.fields() for t in earlier_ok), strict=True)))
-        if earlier_ok
+        Totals(*(max(f) for f in zip(*(t.fields() for t in floors), strict=True)))
+        if floors
         else None
     )
 
@@ -264,7 +315,7 @@ def decide(
             f"no usage in the window yet (attempt {len(attempts)}, {n} empty in a row)",
         )
 
-    count = stable_count(attempts, policy.stability_interval)
+    count = stable_count([*relevant, new], policy.stability_interval)
     summary = f"{_fmt(totals.tokens_in)} in, {_fmt(totals.tokens_out)} out"
     if count >= policy.stable_polls:
         if apportioned_fraction > policy.apportion_tolerance:
@@ -285,9 +336,14 @@ def decide(
             verified_at=now,
             stable_count=count,
         )
-    earlier = _ok_attempts(history)
+    earlier = _ok_attempts(relevant)
     previous = earlier[-1].totals if earlier else None
-    if previous is None or previous.is_empty:
+    if owners_changed and previous is None:
+        message = (
+            f"the runs sharing its minutes changed ({summary} now); earlier polls no "
+            "longer count, confirming again"
+        )
+    elif previous is None or previous.is_empty:
         message = f"data seen ({summary}); confirming"
     elif previous != totals:
         message = (

@@ -17,9 +17,11 @@ from tokensettle.stability import (
     Status,
     Totals,
     Verdict,
+    backoff,
     decide,
     fingerprint,
     next_due,
+    owners_fingerprint,
     parse_status,
     stable_count,
 )
@@ -365,7 +367,22 @@ def histories(draw: st.DrawFn) -> list[AttemptRecord]:
             continue
         totals = draw(st.sampled_from(POOL))
         fp = draw(st.sampled_from([None, f"sha256:{totals.fields()}"]))
-        out.append(ok(t, totals, fp))
+        # Mostly the same co-owners; now and then a neighbour appears or goes.
+        owners = draw(st.sampled_from([None] * 6 + ["sha256:one", "sha256:two"]))
+        out.append(AttemptRecord(t, totals, fp, None, owners))
+    return out
+
+
+def _same_owners_suffix(attempts: Sequence[AttemptRecord]) -> list[AttemptRecord]:
+    """Independent of since_owners_changed: the ok attempts after the last ok attempt
+    whose owners differ from the newest's."""
+    newest = attempts[-1]
+    out: list[AttemptRecord] = []
+    for a in reversed(attempts[:-1]):
+        if a.ok and a.owners != newest.owners:
+            break
+        if a.ok:
+            out.append(a)
     return out
 
 
@@ -374,7 +391,11 @@ def _has_stable_chain(attempts: Sequence[AttemptRecord], policy: Policy) -> bool
     newest = attempts[-1]
     if not newest.ok or newest.totals is None or newest.totals.is_empty:
         return False
-    same = [a for a in attempts if a.ok and a.totals == newest.totals]
+    same = [
+        a
+        for a in [*_same_owners_suffix(attempts), newest]
+        if a.ok and a.totals == newest.totals and a.owners == newest.owners
+    ]
     count, last = 0, None
     for a in reversed(same):
         if last is None or last - a.timestamp >= policy.stability_interval:
@@ -392,12 +413,20 @@ def test_decide_properties(
     for i, v in enumerate(verdicts):
         seen = attempts[: i + 1]
         new = seen[-1]
+        before = verdicts[i - 1].status if i else None
+        if not new.ok and before in TERMINAL:
+            # A failed re-poll of a settled run keeps its status and writes nothing new.
+            assert v.status == before
+            assert v.verified_at is None
+            assert v.next_due is None
+            continue
         if v.status in (Status.VERIFIED, Status.AMBIGUOUS):
             assert _has_stable_chain(seen, POLICY)
             assert v.writes_tokens
             assert new.totals is not None
-            # Never lower than any earlier ok attempt or what was written.
-            for earlier in [a.totals for a in seen if a.ok and a.totals is not None]:
+            # Never lower than any earlier ok attempt of the same attribution, nor than
+            # what was written.
+            for earlier in [a.totals for a in _same_owners_suffix(seen) if a.totals]:
                 assert all(
                     x >= y for x, y in zip(new.totals.fields(), earlier.fields(), strict=True)
                 )
@@ -473,3 +502,111 @@ def test_parse_status() -> None:
     assert parse_status("verified") is Status.VERIFIED
     assert parse_status("already_verified") is None
     assert parse_status(None) is None
+
+
+# ------------------------------------------------------------------ field trial (issue 7)
+
+
+@pytest.mark.parametrize("n", [1, 2, 39, 41, 1000, 5000])
+def test_backoff_never_overflows_however_many_polls_failed_or_came_back_empty(n: int) -> None:
+    # The harness: the 39th empty poll (or the 41st failed one) overflowed timedelta
+    # (`base * 2**(n-1)` before the cap) and crashed the daemon ~19 h after the run.
+    t = RUN_END + POLICY.min_age
+    empties = [ok(t + timedelta(minutes=i), EMPTY) for i in range(n)]
+    failures = [failed(t + timedelta(minutes=i)) for i in range(n)]
+    for history, status, base in (
+        (empties, Status.DATA_NOT_AVAILABLE, POLICY.stability_interval),
+        (failures, Status.PENDING, POLICY.retry_delay),
+    ):
+        due = next_due(history, status, RUN_END, POLICY)
+        assert due is not None
+        gap = due - history[-1].timestamp
+        assert gap == min(POLICY.max_backoff, base * 2 ** min(n - 1, 10)) or due == DEADLINE
+        verdict = decide(
+            history[:-1], history[-1], previous_status=status, run_end=RUN_END, policy=POLICY
+        )
+        assert verdict.status in (status, Status.EXPIRED)
+
+
+def test_backoff_caps_before_it_multiplies() -> None:
+    assert backoff(timedelta(minutes=2), 10**6, timedelta(minutes=30)) == timedelta(minutes=30)
+    assert backoff(timedelta(minutes=2), 3, timedelta(minutes=30)) == timedelta(minutes=8)
+    assert backoff(timedelta(minutes=2), 0, timedelta(minutes=30)) == timedelta(minutes=2)
+    assert backoff(timedelta(0), 50, timedelta(minutes=30)) == timedelta(0)
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL))
+def test_failed_attempt_on_a_settled_run_keeps_its_status(status: Status) -> None:
+    # `reconcile --force` on verified runs while the API failed turned them `pending`,
+    # and `report` then showed 0 tokens for them.
+    data = tot(5000)
+    history = [ok(at(40), data), ok(at(50), data)]
+    v = decide(history, failed(at(70)), previous_status=status, run_end=RUN_END, policy=POLICY)
+    assert v.status == status
+    assert v.next_due is None
+    assert v.verified_at is None  # the file's verified_at stays what it was
+    assert "kept" in v.message and "503" in v.message
+
+
+def test_a_new_co_owner_restarts_stability_and_its_drop_is_no_warning() -> None:
+    # A run polled before its same-key neighbour was discovered took the neighbour's
+    # tokens; once the neighbour appeared the correct, lower total read as "totals went
+    # down" and the run stayed `warning` until MAX_AGE.
+    alone, shared = owners_fingerprint([]), owners_fingerprint(["runs/chatdev/b/metrics.json"])
+    attempts = [
+        AttemptRecord(at(40), tot(9000), "sha256:alone", None, alone),
+        AttemptRecord(at(50), tot(6000), "sha256:shared", None, shared),
+        AttemptRecord(at(60), tot(6000), "sha256:shared", None, shared),
+    ]
+    verdicts = replay(attempts)
+    assert statuses(verdicts) == [Status.PENDING, Status.PENDING, Status.VERIFIED]
+    assert "sharing its minutes changed" in verdicts[1].message
+    assert verdicts[2].stable_count == 2
+
+
+def test_the_first_poll_after_a_neighbour_appears_does_not_confirm_the_old_data() -> None:
+    alone, shared = owners_fingerprint([]), owners_fingerprint(["other"])
+    attempts = [
+        AttemptRecord(at(40), tot(9000), "sha256:x", None, alone),
+        AttemptRecord(at(50), tot(9000), "sha256:x", None, shared),  # nothing moved... yet
+    ]
+    assert statuses(replay(attempts)) == [Status.PENDING, Status.PENDING]
+
+
+def test_a_drop_with_the_same_co_owners_is_still_a_warning_until_the_data_comes_back() -> None:
+    same = owners_fingerprint(["other"])
+    attempts = [
+        AttemptRecord(at(40), tot(9000), "sha256:a", None, same),
+        AttemptRecord(at(50), tot(6000), "sha256:b", None, same),
+        AttemptRecord(at(60), tot(9000), "sha256:a", None, same),
+        AttemptRecord(at(70), tot(9000), "sha256:a", None, same),
+    ]
+    assert statuses(replay(attempts)) == [
+        Status.PENDING,
+        Status.WARNING,
+        Status.PENDING,
+        Status.VERIFIED,
+    ]
+
+
+def test_a_warning_from_an_older_version_clears_once_co_owners_are_recorded() -> None:
+    # Files of runs stuck in `warning` carry attempts without owners: the first attempt
+    # that records them starts a new chain, so the run settles instead of expiring.
+    now_owned = owners_fingerprint(["runs/chatdev/b/metrics.json"])
+    attempts = [
+        ok(at(40), tot(9000)),
+        ok(at(50), tot(6000)),  # the old `warning`
+        AttemptRecord(at(60), tot(6000), None, None, now_owned),
+        AttemptRecord(at(70), tot(6000), None, None, now_owned),
+    ]
+    assert statuses(replay(attempts)) == [
+        Status.PENDING,
+        Status.WARNING,
+        Status.PENDING,
+        Status.VERIFIED,
+    ]
+
+
+def test_owners_fingerprint_is_a_set_fingerprint() -> None:
+    assert owners_fingerprint(["b", "a", "a"]) == owners_fingerprint(["a", "b"])
+    assert owners_fingerprint([]) != owners_fingerprint(["a"])
