@@ -37,12 +37,15 @@ class Owner:
 class Share:
     """What one owner received."""
 
+    key: str = ""
     exact: Usage = field(default_factory=Usage)
     apportioned: Usage = field(default_factory=Usage)
     per_minute: dict[int, Usage] = field(default_factory=dict)
-    #: minute -> keys of the other owners the minute was split with
-    shared_with: dict[int, tuple[str, ...]] = field(default_factory=dict)
     models: dict[str, Usage] = field(default_factory=dict)
+    #: minute -> keys of every owner the minute was split among (this one included). The
+    #: tuple is the row's own, shared by reference by all its owners: storing "the others"
+    #: per owner made a minute split k ways cost k^2 (16,000 steps in one minute: 152 s).
+    split_among: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def usage(self) -> Usage:
@@ -53,11 +56,27 @@ class Share:
         total = self.usage.total_tokens
         return self.apportioned.total_tokens / total if total else 0.0
 
-    def _add(self, row: UsageRow, usage: Usage, others: tuple[str, ...]) -> None:
-        if others:
+    @property
+    def shared_with(self) -> dict[int, tuple[str, ...]]:
+        """minute -> keys of the other owners the minute was split with."""
+        return {m: tuple(k for k in keys if k != self.key) for m, keys in self.split_among.items()}
+
+    def co_owners(self) -> set[str]:
+        """Every other owner this share was split with, in any minute."""
+        out: set[str] = set()
+        for keys in self.split_among.values():
+            out.update(keys)
+        out.discard(self.key)
+        return out
+
+    def _add(self, row: UsageRow, usage: Usage, among: tuple[str, ...] = ()) -> None:
+        if among:
             self.apportioned = self.apportioned + usage
-            merged = set(self.shared_with.get(row.minute, ())) | set(others)
-            self.shared_with[row.minute] = tuple(sorted(merged))
+            known = self.split_among.get(row.minute)
+            if known is None:
+                self.split_among[row.minute] = among
+            elif known is not among and known != among:
+                self.split_among[row.minute] = tuple(sorted(set(known) | set(among)))
         else:
             self.exact = self.exact + usage
         self.per_minute[row.minute] = self.per_minute.get(row.minute, Usage()) + usage
@@ -71,7 +90,7 @@ class Attribution:
     unowned: Usage
 
     def share(self, key: str) -> Share:
-        return self.shares.get(key, Share())
+        return self.shares.get(key) or Share(key)
 
 
 def apportion(total: int, weights: Sequence[int]) -> list[int]:
@@ -121,7 +140,7 @@ def attribute(rows: Iterable[UsageRow], owners: Sequence[Owner]) -> Attribution:
     for owner in sorted(owners, key=lambda o: o.key):
         for minute in owner.activity.window.minute_starts():
             by_minute[minute].append((owner, owner.activity.weight(minute)))
-    shares: dict[str, Share] = {o.key: Share() for o in owners}
+    shares: dict[str, Share] = {o.key: Share(o.key) for o in owners}
     unowned = Usage()
     for row in rows:
         candidates = _candidates(row, by_minute)
@@ -129,13 +148,12 @@ def attribute(rows: Iterable[UsageRow], owners: Sequence[Owner]) -> Attribution:
             unowned = unowned + row.usage
             continue
         if len(candidates) == 1:
-            shares[candidates[0][0].key]._add(row, row.usage, ())
+            shares[candidates[0][0].key]._add(row, row.usage)
             continue
-        keys = tuple(o.key for o, _ in candidates)
+        among = tuple(o.key for o, _ in candidates)
         parts = split_usage(row.usage, [w for _, w in candidates])
         for (owner, _), part in zip(candidates, parts, strict=True):
-            others = tuple(k for k in keys if k != owner.key)
-            shares[owner.key]._add(row, part, others)
+            shares[owner.key]._add(row, part, among)
     return Attribution(shares=shares, unowned=unowned)
 
 
