@@ -3,8 +3,12 @@
 A restart over 100,000 settled runs must not parse 100,000 files: a file whose
 (path, inode, size, mtime) matches a finished row is skipped with one `stat`. The rows
 also keep each finished run's window, so settled runs still own their minutes when a
-neighbour is attributed. The files stay the record: deleting the index costs only time,
-and a damaged index is set aside and rebuilt.
+neighbour is attributed. The files stay the record: deleting the index costs only time.
+
+The index is an optimisation, so it can never stop the daemon: a damaged file is set
+aside (under a fresh name each time, WAL files with it) and rebuilt; if even that fails,
+or the disk fills while running, the index carries on in memory, `problem` says why, and
+the owner (the daemon) shows it in `/healthz` and rescans the tree to refill it.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger("tokensettle.index")
 
+T = TypeVar("T")
 SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS finished (
@@ -39,6 +46,8 @@ CREATE TABLE IF NOT EXISTS finished (
 );
 CREATE INDEX IF NOT EXISTS finished_end ON finished ("end");
 """
+_INT64 = (-(2**63), 2**63 - 1)
+MEMORY = ":memory:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,104 +76,212 @@ class Finished:
     cost_usd: float | None = None
 
 
-class Index:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:
-            broken = path.with_name(path.name + ".broken")
-            log.warning("index.rebuilt", path=str(path), error=str(exc), moved_to=str(broken))
-            with contextlib.suppress(OSError):
-                os.replace(path, broken)
-            self._db = self._open()
+def _int64(value: int | None) -> int | None:
+    """A count SQLite can store; anything beyond 64 bits (a hostile or broken file) is
+    kept as unknown rather than crash every start."""
+    if value is None or not _INT64[0] <= value <= _INT64[1]:
+        return None
+    return value
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        try:
+
+def _row(f: Finished) -> tuple[Any, ...]:
+    return (
+        f.key.path,
+        f.key.inode,
+        f.key.size,
+        f.key.mtime_ns,
+        f.framework,
+        f.run_id,
+        f.start,
+        f.end,
+        f.status,
+        _int64(f.tokens_in),
+        _int64(f.tokens_out),
+        f.cost_usd,
+    )
+
+
+def _connect(target: str) -> sqlite3.Connection:
+    db = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+    try:
+        if target != MEMORY:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # losing the last rows only costs a parse
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version not in (0, SCHEMA_VERSION):
-                # An older layout: the files are the record, so start the index afresh.
-                db.executescript("DROP TABLE IF EXISTS finished;")
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            db.execute("SELECT count(*) FROM finished").fetchone()
-        except sqlite3.DatabaseError:
-            db.close()
-            raise
-        return db
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version not in (0, SCHEMA_VERSION):
+            # An older layout: the files are the record, so start the index afresh.
+            db.executescript("DROP TABLE IF EXISTS finished;")
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("SELECT count(*) FROM finished").fetchone()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move a damaged database (and its WAL files) to a fresh name; delete it if it
+    cannot be moved. None if it is still in the way."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.broken-{stamp}-{os.getpid()}")
+    moved: Path | None = target
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if not os.path.lexists(src):
+            continue
+        try:
+            os.replace(src, Path(str(target) + suffix))
+        except OSError:
+            moved = None
+            with contextlib.suppress(OSError):
+                if src.is_dir() and not src.is_symlink():
+                    os.rmdir(src)  # only an empty one; anything else stays for a human
+                else:
+                    src.unlink()
+    return None if os.path.lexists(path) else (moved or path)
+
+
+class Index:
+    """Thread-safe: the daemon looks files up from worker threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problem: str | None = None
+        self._lock = threading.Lock()
+        self._on_problem: Callable[[str], None] | None = None
+        self._db = self._open_file()
+
+    def on_problem(self, callback: Callable[[str], None]) -> None:
+        """Called (on the thread that met it) when the index falls back to memory."""
+        self._on_problem = callback
+
+    def _open_file(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return _connect(str(self.path))
+        except (sqlite3.Error, OSError) as first:
+            moved = _set_aside(self.path)
+            if moved is not None:
+                log.warning(
+                    "index.rebuilt", path=str(self.path), error=str(first), moved_to=str(moved)
+                )
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    return _connect(str(self.path))
+            return self._memory(f"cannot use {self.path}: {first}")
+
+    def _memory(self, reason: str) -> sqlite3.Connection:
+        self.problem = reason
+        log.error(
+            "index.unavailable",
+            path=str(self.path),
+            error=reason,
+            action="running with an in-memory index; a restart re-reads every run file",
+        )
+        return _connect(MEMORY)
+
+    def _guard(self, work: Callable[[sqlite3.Connection], T], fallback: T) -> T:
+        with self._lock:
+            try:
+                return work(self._db)
+            except (sqlite3.Error, OSError) as exc:
+                if self.problem is not None:  # already in memory: nothing left to fall to
+                    log.error("index.failed", error=f"{type(exc).__name__}: {exc}")
+                    return fallback
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = self._memory(f"{type(exc).__name__}: {exc}")
+                problem = self.problem
+        if self._on_problem is not None and problem is not None:
+            self._on_problem(problem)
+        return fallback
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.close()
 
     def lookup(self, key: FileKey) -> Finished | None:
         """The finished row for this exact file version, or None."""
-        row = self._db.execute(
-            'SELECT framework, run_id, start, "end", status, tokens_in, tokens_out, cost_usd '
-            "FROM finished WHERE path=? AND inode=? AND size=? AND mtime_ns=?",
-            (key.path, key.inode, key.size, key.mtime_ns),
-        ).fetchone()
-        return Finished(key, *row) if row else None
+
+        def work(db: sqlite3.Connection) -> Finished | None:
+            row = db.execute(
+                'SELECT framework, run_id, start, "end", status, tokens_in, tokens_out, '
+                "cost_usd FROM finished WHERE path=? AND inode=? AND size=? AND mtime_ns=?",
+                (key.path, key.inode, key.size, key.mtime_ns),
+            ).fetchone()
+            return Finished(key, *row) if row else None
+
+        return self._guard(work, None)
 
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """path -> (inode, size, mtime_ns) of every finished file (cheap to hold for 100k)."""
-        rows = self._db.execute("SELECT path, inode, size, mtime_ns FROM finished")
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+        def work(db: sqlite3.Connection) -> dict[str, tuple[int, int, int]]:
+            rows = db.execute("SELECT path, inode, size, mtime_ns FROM finished")
+            return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+        return self._guard(work, {})
 
     def put(self, rows: Iterable[Finished]) -> None:
-        with self._transaction():
-            self._db.executemany(
-                "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        f.key.path,
-                        f.key.inode,
-                        f.key.size,
-                        f.key.mtime_ns,
-                        f.framework,
-                        f.run_id,
-                        f.start,
-                        f.end,
-                        f.status,
-                        f.tokens_in,
-                        f.tokens_out,
-                        f.cost_usd,
-                    )
-                    for f in rows
-                ],
-            )
+        values = [_row(f) for f in rows]
+        if not values:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany(
+                    "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", values
+                )
+
+        self._guard(work, None)
 
     def forget(self, paths: Iterable[str]) -> None:
-        with self._transaction():
-            self._db.executemany("DELETE FROM finished WHERE path=?", [(p,) for p in paths])
+        values = [(p,) for p in paths]
+        if not values:
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.executemany("DELETE FROM finished WHERE path=?", values)
+
+        self._guard(work, None)
 
     def forget_under(self, directory: str) -> None:
         prefix = directory.rstrip("/") + "/"
-        with self._transaction():
-            self._db.execute(
-                "DELETE FROM finished WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
-            )
+
+        def work(db: sqlite3.Connection) -> None:
+            with _transaction(db):
+                db.execute(
+                    "DELETE FROM finished WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+                )
+
+        self._guard(work, None)
 
     def overlapping(self, start: float, end: float) -> list[Finished]:
         """Finished runs whose [start, end] touches [start, end] (for attribution)."""
-        rows = self._db.execute(
-            'SELECT path, inode, size, mtime_ns, framework, run_id, start, "end", status, '
-            'tokens_in, tokens_out, cost_usd FROM finished WHERE "end" >= ? AND start <= ?',
-            (start, end),
-        )
-        return [Finished(FileKey(*r[:4]), *r[4:]) for r in rows]
+
+        def work(db: sqlite3.Connection) -> list[Finished]:
+            rows = db.execute(
+                'SELECT path, inode, size, mtime_ns, framework, run_id, start, "end", status, '
+                'tokens_in, tokens_out, cost_usd FROM finished WHERE "end" >= ? AND start <= ?',
+                (start, end),
+            )
+            return [Finished(FileKey(*r[:4]), *r[4:]) for r in rows]
+
+        return self._guard(work, [])
 
     def by_framework(self) -> dict[str, dict[str, Any]]:
         """Settled runs per framework: count, tokens and cost (for /runs)."""
-        rows = self._db.execute(
-            "SELECT framework, status, count(*), sum(tokens_in), sum(tokens_out), "
-            "sum(cost_usd), sum(cost_usd IS NULL) FROM finished GROUP BY framework, status"
-        )
+
+        def work(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return db.execute(
+                "SELECT framework, status, count(*), sum(tokens_in), sum(tokens_out), "
+                "sum(cost_usd), sum(cost_usd IS NULL) FROM finished GROUP BY framework, status"
+            ).fetchall()
+
         out: dict[str, dict[str, Any]] = {}
-        for fw, status, n, tin, tout, cost, unpriced in rows:
+        fallback: list[tuple[Any, ...]] = []
+        for fw, status, n, tin, tout, cost, unpriced in self._guard(work, fallback):
             entry = out.setdefault(
                 fw, {"runs": {}, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "unpriced": 0}
             )
@@ -177,15 +294,20 @@ class Index:
         return out
 
     def counts(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT status, count(*) FROM finished GROUP BY status")
-        return {status: n for status, n in rows}
+        def work(db: sqlite3.Connection) -> dict[str, int]:
+            rows = db.execute("SELECT status, count(*) FROM finished GROUP BY status")
+            return {status: n for status, n in rows}
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        return self._guard(work, {})
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
