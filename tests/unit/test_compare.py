@@ -247,7 +247,10 @@ def test_verdict_is_the_relative_difference_against_the_tolerance(
     field = result.to_json()["fields"]["TOK_IN"]
     assert field["diff"] == local - provider
     exact_pct = Fraction(local - provider, provider) * 100
-    assert abs(Fraction(field["diff_pct"]) - exact_pct) <= Fraction(1, 2000) + Fraction(1, 10**9)
+    # Rounded to 3 decimals, then held in a float: half a unit of the third decimal plus
+    # the float's own relative error (large percentages lose the last bits).
+    slack = Fraction(1, 2000) + abs(exact_pct) * Fraction(1, 10**15) + Fraction(1, 10**9)
+    assert abs(Fraction(field["diff_pct"]) - exact_pct) <= slack
 
 
 @settings(max_examples=100)
