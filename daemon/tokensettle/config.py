@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     max_backoff: Duration = timedelta(minutes=30)
     request_timeout: Duration = timedelta(seconds=30)
     retry_delay: Duration = timedelta(minutes=2)
+    max_window: Duration = timedelta(days=3)
     watch_mode: Literal["auto", "inotify", "poll"] = "auto"
     poll_interval: Duration = timedelta(seconds=10)
     rate_limit_per_min: float = Field(default=30.0, gt=0)

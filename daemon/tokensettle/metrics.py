@@ -31,6 +31,25 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("tokensettle_queue_depth", "Runs waiting for a poll", registry=r)
+        self.write_failures = Counter(
+            "tokensettle_write_failures",
+            "Writes of a run file that failed (the file is unchanged; retried with backoff)",
+            registry=r,
+        )
+        self.faults = Gauge(
+            "tokensettle_faults",
+            "Faults active now, by kind (write, fetch, index, auth, watcher, ...)",
+            ["kind"],
+            registry=r,
+        )
+        self.http_refused = Counter(
+            "tokensettle_http_refused",
+            "Status-server connections refused at the connection limit",
+            registry=r,
+        )
+        self.poll_rounds = Counter(
+            "tokensettle_poll_rounds", "Poll rounds run on the poll grid", registry=r
+        )
         self.watcher_alive = Gauge(
             "tokensettle_watcher_alive", "1 while the watcher runs", registry=r
         )

@@ -21,26 +21,20 @@ import structlog
 
 from tokensettle import TOOL_NAME, __version__
 from tokensettle.atomic import (
-    ConflictError,
     Snapshot,
     UnsafeFileError,
     check_inside,
     read_snapshot,
-    rewrite,
 )
-from tokensettle.attribution import Owner, Share, attribute, rows_of
+from tokensettle.attribution import Attribution, Owner, Share, attribute, rows_of
 from tokensettle.config import Settings
 from tokensettle.discovery import Found, scan_all
 from tokensettle.durations import format_duration
-from tokensettle.manifest import ManifestUpdate, find_manifest, update_manifest
 from tokensettle.runfile import (
     Patch,
     RunFileError,
     RunRecord,
-    apply_patch,
-    detect_style,
     iso,
-    load_document,
     parse_run,
 )
 from tokensettle.settle import Observation, settle
@@ -54,6 +48,7 @@ from tokensettle.stability import (
 from tokensettle.usage import Scope, Usage, UsageRow
 from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
 from tokensettle.windows import Activity, Interval, merge_windows
+from tokensettle.writeback import RunWriter, Written
 
 log = structlog.get_logger("tokensettle.reconcile")
 
@@ -76,6 +71,7 @@ def policy_of(settings: Settings) -> Policy:
         max_backoff=settings.max_backoff,
         retry_delay=settings.retry_delay,
         apportion_tolerance=settings.apportion_tolerance,
+        max_window=settings.max_window,
     )
 
 
@@ -115,6 +111,11 @@ class RunOutcome:
     failed: bool = False
     apportioned_fraction: float = 0.0
     cost_usd: float | None = None
+    #: why the write of this attempt failed (the file is unchanged); None when it did not
+    write_error: str | None = None
+    #: the file as this attempt left it, when it was written (the daemon re-admits it
+    #: from here instead of reading it again)
+    after: Loaded | None = None
 
     def age(self, now: datetime) -> timedelta | None:
         return now - self.run_end if self.run_end is not None else None
@@ -185,6 +186,18 @@ def _outcome(entry: Loaded, state: str, message: str, **kw: Any) -> RunOutcome:
     )
 
 
+def window_problem(record: RunRecord, policy: Policy) -> str | None:
+    """A window longer than `max_window` is a mistake in the file (a step dated 2001), and
+    merged with the batch it would make every due run's fetch span decades."""
+    seconds = record.window.end - record.window.start
+    if policy.max_window is None or seconds <= policy.max_window.total_seconds():
+        return None
+    return (
+        f"run window is {format_duration(timedelta(seconds=seconds))} long, over MAX_WINDOW "
+        f"({format_duration(policy.max_window)}): check the steps' timestamps"
+    )
+
+
 def plan(loaded: Sequence[Loaded], selection: Selection, policy: Policy, now: datetime) -> Plan:
     result = Plan()
     for entry in loaded:
@@ -197,6 +210,10 @@ def plan(loaded: Sequence[Loaded], selection: Selection, policy: Policy, now: da
             result.outcomes.append(
                 _outcome(entry, state, entry.error or "", failed=state != SKIPPED)
             )
+            continue
+        too_long = window_problem(record, policy)
+        if too_long is not None:
+            result.outcomes.append(_outcome(entry, Status.ERROR.value, too_long, failed=True))
             continue
         if selection.force:
             result.due.append(entry)
@@ -314,7 +331,8 @@ def _record(entry: Loaded) -> RunRecord:
 
 class Reconciler:
     """Runs one attempt over a batch. The client is the only network I/O; files are read
-    and written through atomic.py; `clock` makes time injectable."""
+    and written in worker threads (attribution and pricing too, so a daemon's event loop
+    stays responsive during a large batch); `clock` makes time injectable."""
 
     def __init__(
         self,
@@ -323,14 +341,20 @@ class Reconciler:
         *,
         clock: Callable[[], datetime] = utcnow,
         policy: Policy | None = None,
-        on_written: Callable[[Path, bytes], None] | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.clock = clock
         self.policy = policy or policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
-        self.on_written = on_written
+        self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
+
+    def reconfigure(self, settings: Settings) -> None:
+        """New timings and scopes (SIGHUP); the client stays."""
+        self.settings = settings
+        self.policy = policy_of(settings)
+        self.grace = int(settings.window_grace.total_seconds())
+        self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
 
     def scope_of(self, record: RunRecord | RunRef) -> Scope:
         return self.settings.scope_for(record.framework)
@@ -347,7 +371,8 @@ class Reconciler:
         self, selection: Selection = Selection(), *, dry_run: bool = False
     ) -> BatchReport:
         """Survey the roots and make one attempt for every due run (the cron command)."""
-        return await self.run_batch(self.survey(), selection, dry_run=dry_run)
+        loaded = await asyncio.to_thread(self.survey)
+        return await self.run_batch(loaded, selection, dry_run=dry_run)
 
     async def run_batch(
         self,
@@ -356,10 +381,12 @@ class Reconciler:
         *,
         dry_run: bool = False,
         extra_owners: Sequence[RunRef] = (),
+        now: datetime | None = None,
     ) -> BatchReport:
         """One attempt for every due run of `loaded`. Minutes are shared with every run of
-        `loaded` and with `extra_owners` (settled runs the caller keeps elsewhere)."""
-        now = self.clock()
+        `loaded` and with `extra_owners` (settled runs the caller keeps elsewhere). `now`
+        stamps the attempts (the daemon passes its poll-grid time); default: the clock."""
+        now = now or self.clock()
         policy = self.policy
         if selection.force:
             policy = replace(policy, max_age=timedelta(days=36500))
@@ -371,7 +398,9 @@ class Reconciler:
             elif outcome.state == SKIPPED:
                 log.warning("run.skipped", path=str(outcome.path), reason=outcome.message)
         for entry in the_plan.expire:
-            report.outcomes.append(await self._expire(entry, policy, now, dry_run))
+            report.outcomes.append(
+                await asyncio.to_thread(self._expire, entry, policy, now, dry_run)
+            )
         if the_plan.due:
             owners = [RunRef.of(e.record) for e in loaded if e.record is not None]
             known = {o.path for o in owners}
@@ -383,7 +412,9 @@ class Reconciler:
                 log.error("usage_api.auth_failed", error=str(exc))
                 return report
             for result in results:
-                report.outcomes.append(await self._settle(result, policy, now, dry_run))
+                report.outcomes.append(
+                    await asyncio.to_thread(self._settle, result, policy, now, dry_run)
+                )
         return report
 
     async def poll(
@@ -426,16 +457,8 @@ class Reconciler:
                 runs=len(members),
             )
         report.requests += self.client.requests_sent - before
-
-        fetched_ok = [f.interval for f in fetched.values() if f.result is not None]
-        owner_list = [
-            Owner(str(o.path), o.activity, self.scope_of(o))
-            for o in owners
-            if any(o.activity.window.overlaps(i) for i in fetched_ok)
-        ]
+        shares = await asyncio.to_thread(self._attribute, rows, owners, list(fetched.values()))
         names = {str(o.path): o for o in owners}
-        shares = attribute(rows, owner_list)
-
         results: list[PollResult] = []
         for interval in intervals:
             for entry in by_interval[interval]:
@@ -445,11 +468,19 @@ class Reconciler:
                     results.append(PollResult(entry, None, f, {}, Usage(), []))
                     continue
                 share = shares.share(str(record.path))
-                step_values, unowned = self._steps(record, share)
-                results.append(
-                    PollResult(entry, share, f, step_values, unowned, _overlaps(share, names))
-                )
+                results.append(PollResult(entry, share, f, {}, Usage(), _overlaps(share, names)))
         return results
+
+    def _attribute(
+        self, rows: list[UsageRow], owners: Sequence[RunRef], fetched: Sequence[Fetched]
+    ) -> Attribution:
+        ok = sorted(f.interval for f in fetched if f.result is not None)
+        owner_list = [
+            Owner(str(o.path), o.activity, self.scope_of(o))
+            for o in owners
+            if any(o.activity.window.overlaps(i) for i in ok)
+        ]
+        return attribute(rows, owner_list)
 
     def _steps(self, record: RunRecord, share: Share) -> tuple[dict[int, Usage], Usage]:
         timed = [s for s in record.steps if s.activity is not None]
@@ -471,19 +502,19 @@ class Reconciler:
             "window_source": record.window_source,
         }
         if fetched.result is not None:
-            prov["query"] = fetched.result.params
+            prov["query"] = _own_query(fetched.result.params, scope)
             prov["requests"] = fetched.result.requests
         return prov
 
-    async def _settle(
+    def _settle(
         self, result: PollResult, policy: Policy, now: datetime, dry_run: bool
     ) -> RunOutcome:
+        """Decide and write one run's attempt. Blocking: runs in a worker thread."""
         entry = result.entry
         record = _record(entry)
         share = result.share
-        seen = Observation(
-            share, result.fetched.error, result.step_values, result.step_unowned, result.overlaps
-        )
+        step_values, step_unowned = self._steps(record, share) if share else ({}, Usage())
+        seen = Observation(share, result.fetched.error, step_values, step_unowned, result.overlaps)
         settled = settle(
             record,
             seen,
@@ -494,9 +525,9 @@ class Reconciler:
             local_tolerance=self.settings.local_tolerance,
         )
         verdict, usage = settled.verdict, settled.totals
-        written = await self._write(entry, settled.patch, dry_run)
-        if not dry_run and verdict.writes_tokens:
-            self._manifest(record, verdict, usage, now)
+        written = self._write(entry, settled.patch, dry_run)
+        if not dry_run and not written.failed and verdict.writes_tokens and usage is not None:
+            self.writer.manifest(record, verdict, usage, now)
         common = {"run_id": record.run_id, "framework": record.framework}
         for kind, message in settled.findings:
             log.warning(f"run.{kind}", **common, detail=message)
@@ -516,7 +547,7 @@ class Reconciler:
                 api_calls=usage.num_model_requests,
                 attempt=len(record.attempts) + 1,
                 apportioned=round(share.apportioned_fraction, 4),
-                written=written,
+                written=written.written,
                 next_poll_at=iso(verdict.next_due) if verdict.next_due else None,
             )
         return replace(
@@ -527,17 +558,18 @@ class Reconciler:
                 next_due=verdict.next_due,
                 totals=usage,
                 polled=True,
-                written=written,
-                failed=usage is None,
+                written=written.written,
+                failed=usage is None or written.failed,
                 apportioned_fraction=share.apportioned_fraction if share else 0.0,
                 cost_usd=settled.patch.cost_usd,
+                write_error=written.error,
+                after=_after(entry, written),
             ),
             attempts=len(record.attempts) + 1,
         )
 
-    async def _expire(
-        self, entry: Loaded, policy: Policy, now: datetime, dry_run: bool
-    ) -> RunOutcome:
+    def _expire(self, entry: Loaded, policy: Policy, now: datetime, dry_run: bool) -> RunOutcome:
+        """Blocking: runs in a worker thread."""
         record = _record(entry)
         verdict = Verdict(
             Status.EXPIRED,
@@ -546,58 +578,54 @@ class Reconciler:
             None,
         )
         patch = Patch(verdict, {}, now, {"tool": TOOL_NAME, "version": __version__})
-        written = await self._write(entry, patch, dry_run, append_attempt=False)
-        if not dry_run:
-            self._manifest(record, verdict, None, now)
-        log.info("run.expired", run_id=record.run_id, framework=record.framework, written=written)
-        return _outcome(entry, Status.EXPIRED.value, verdict.message, written=written)
-
-    async def _write(
-        self, entry: Loaded, patch: Patch, dry_run: bool, *, append_attempt: bool = True
-    ) -> bool:
-        if dry_run:
-            return False
-        record = _record(entry)
-
-        def transform(raw: bytes) -> bytes | None:
-            # The file may have been changed by its writer since we read it: re-read it,
-            # and give up (the next pass sees the new content) if its window moved.
-            try:
-                current = parse_run(raw, record.path, record.framework, self.grace)
-            except RunFileError:
-                return None
-            if current.window != record.window:
-                return None
-            doc = load_document(raw)
-            return detect_style(raw).dumps(apply_patch(doc, patch, current.steps, append_attempt))
-
-        try:
-            result = await asyncio.to_thread(rewrite, record.path, transform, first=entry.snapshot)
-        except (ConflictError, OSError) as exc:
-            log.warning("run.write_failed", path=str(record.path), error=str(exc))
-            return False
-        if result.written and self.on_written is not None:
-            self.on_written(record.path, result.raw)
-        return result.written
-
-    def _manifest(
-        self, record: RunRecord, verdict: Verdict, usage: Usage | None, now: datetime
-    ) -> None:
-        manifest = find_manifest(record.path)
-        if manifest is None:
-            return
-        update = ManifestUpdate(
-            run_id=record.run_id,
-            framework=record.framework,
-            status=verdict.status.value,
-            tokens_in=usage.input_tokens if usage is not None else None,
-            tokens_out=usage.output_tokens if usage is not None else None,
-            now=now,
+        written = self._write(entry, patch, dry_run, append_attempt=False)
+        if not dry_run and not written.failed:
+            self.writer.manifest(record, verdict, None, now)
+        log.info(
+            "run.expired", run_id=record.run_id, framework=record.framework, written=written.written
         )
-        try:
-            update_manifest(manifest, update)
-        except (OSError, ValueError) as exc:
-            log.warning("manifest.update_failed", path=str(manifest), error=str(exc))
+        return _outcome(
+            entry,
+            Status.EXPIRED.value,
+            verdict.message,
+            written=written.written,
+            failed=written.failed,
+            write_error=written.error,
+            after=_after(entry, written),
+        )
+
+    def _write(
+        self, entry: Loaded, patch: Patch, dry_run: bool, *, append_attempt: bool = True
+    ) -> Written:
+        if dry_run:
+            return Written(False)
+        record = _record(entry)
+        written = self.writer.write(
+            record, patch, first=entry.snapshot, append_attempt=append_attempt
+        )
+        if written.failed:
+            log.warning("run.write_failed", path=str(record.path), error=written.error)
+        return written
+
+
+def _after(entry: Loaded, written: Written) -> Loaded | None:
+    if not written.written or written.after is None:
+        return None
+    return Loaded(entry.found, written.record, written.after, None if written.record else "")
+
+
+def _own_query(params: dict[str, str | list[str]], scope: Scope) -> dict[str, Any]:
+    """The query as far as it concerns this run: a batched filter lists every due
+    framework's ids, which do not belong in this run's provenance."""
+    out: dict[str, Any] = dict(params)
+    for name, mine in (("api_key_ids", scope.api_key_ids), ("project_ids", scope.project_ids)):
+        values = params.get(name)
+        if isinstance(values, list):
+            own = sorted(v for v in values if v in mine)
+            out[name] = own
+            if len(own) < len(values):
+                out[f"{name}_of_other_runs"] = len(values) - len(own)
+    return out
 
 
 def _overlaps(share: Share, names: dict[str, RunRef]) -> list[dict[str, Any]]:

@@ -105,3 +105,69 @@ def next_tick(t: float, tick: float) -> float:
         return t
     n = math.ceil(t / tick) * tick
     return n if n >= t else n + tick  # t / tick can round down (underflow)
+
+
+class PollGrid(Generic[K]):
+    """Due runs on one shared poll grid of period `tick`: a run is polled at the first
+    grid point at or after its due time, and never at a point already reached, so runs
+    that fall due between two points (a burst, a restore, a copied tree) share one round
+    and one request per merged window. Attempts are stamped with their grid point, so a
+    confirming poll `STABILITY_INTERVAL` later lands on a grid point too, not a tick late.
+
+    `hold(key, until)` keeps a key off the grid until then (a failed write backs off like
+    a failed request, though the file does not record it); `release` lifts it."""
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self.heap: DueHeap[K] = DueHeap()
+        self._held: dict[K, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.heap
+
+    def point(self, due: float, now: float) -> float:
+        """The grid point at which a run due at `due` is polled, seen at `now`."""
+        if due > now or self.tick <= 0:
+            return next_tick(max(due, now), self.tick)
+        at = next_tick(now, self.tick)
+        return at if at > now else at + self.tick
+
+    def put(self, key: K, due: float | None, now: float) -> None:
+        if due is None:
+            self.heap.set(key, None)
+            return
+        held = self._held.get(key)
+        if held is not None:
+            due = max(due, held)
+        self.heap.set(key, self.point(due, now))
+
+    def hold(self, key: K, until: float, now: float) -> None:
+        self._held[key] = until
+        if key in self.heap:
+            self.put(key, self.heap.due_of(key), now)
+        else:
+            self.put(key, until, now)
+
+    def release(self, key: K) -> None:
+        self._held.pop(key, None)
+
+    def held(self, key: K) -> float | None:
+        return self._held.get(key)
+
+    def drop(self, key: K) -> None:
+        """Forget the key entirely (the run is gone or settled)."""
+        self.heap.set(key, None)
+        self._held.pop(key, None)
+
+    def due_of(self, key: K) -> float | None:
+        return self.heap.due_of(key)
+
+    def next_point(self) -> float | None:
+        return self.heap.next_due()
+
+    def take(self, point: float) -> list[K]:
+        """Every key due at or before `point` (one round)."""
+        return self.heap.pop_due(point)

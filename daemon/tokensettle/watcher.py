@@ -111,10 +111,16 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, DirCreatedEvent):
             self._deliver("dir", Path(os.fsdecode(event.src_path)))
         elif isinstance(event, FileMovedEvent):
-            for raw in (event.src_path, event.dest_path):
+            for kind, raw in (("file", event.src_path), ("complete", event.dest_path)):
                 path = Path(os.fsdecode(raw))
                 if path.name == RUN_FILE:
-                    self._deliver("file", path)
+                    self._deliver(kind, path)
+        elif isinstance(event, FileClosedEvent):
+            # Closed after writing: an in-place writer is done, read it now rather than
+            # after SETTLE_DELAY (its creation event found it empty).
+            path = Path(os.fsdecode(event.src_path))
+            if path.name == RUN_FILE:
+                self._deliver("complete", path)
         elif isinstance(event, _INTERESTING):
             path = Path(os.fsdecode(event.src_path))
             if path.name == RUN_FILE:
@@ -142,7 +148,8 @@ class WatchedRoot:
 
 class Watcher:
     """Watches roots; calls `on_file(path)` (a run file may have changed or gone),
-    `on_dir(path)` (a directory appeared), `on_gone(path)` (a directory left) and
+    `on_complete(path)` (a run file was just closed after writing, or renamed into
+    place), `on_dir(path)` (a directory appeared), `on_gone(path)` (a directory left) and
     `on_overflow()` on the loop."""
 
     def __init__(
@@ -155,10 +162,16 @@ class Watcher:
         on_dir: Callable[[Path], None],
         on_overflow: Callable[[], None],
         on_gone: Callable[[Path], None],
+        on_complete: Callable[[Path], None] | None = None,
         poll_interval: float = 10.0,
     ) -> None:
         self._loop = loop
-        self._handlers = {"file": on_file, "dir": on_dir, "gone": on_gone}
+        self._handlers = {
+            "file": on_file,
+            "complete": on_complete or on_file,
+            "dir": on_dir,
+            "gone": on_gone,
+        }
         self._on_overflow = on_overflow
         self.roots = [WatchedRoot(r, choose_mode(mode, fs_type(r)), fs_type(r)) for r in roots]
         self._observers: list[BaseObserver] = []

@@ -177,7 +177,7 @@ async def test_kill_9_and_restart_resumes_every_run_from_its_file(world: World) 
     # Two runs see their usage only later: they are still waiting for data at the kill.
     for run in runs[4:]:
         for request in run.requests:
-            request["visible_after"] = 2
+            request["visible_after"] = 8
     await world.register(*runs)
     debug = {"TOKENSETTLE_LOG_LEVEL": "debug"}  # every attempt is logged (run.polled)
     first = await world.start(**debug)
@@ -372,7 +372,10 @@ async def test_sigterm_exits_0_and_the_admin_key_never_shows(world: World) -> No
         wait_ready=False, TOKENSETTLE_RUNS_DIRS=str(world.tmp / "no-such-root")
     )
     assert await missing.wait_exit() == 2
-    assert missing.count("daemon.bad_root") == 1 and missing.count("daemon.ready") == 0
+    (error,) = missing.find("daemon.config_error")
+    assert "no-such-root" in error["error"] and "RUNS_DIRS" in error["error"]
+    assert missing.count("daemon.ready") == 0
+    assert missing.find("daemon.stopped")[-1]["exit_code"] == 2
     assert_no_secret("\n".join(missing.stdout_lines), missing.stderr)
 
 

@@ -42,11 +42,11 @@ async def test_a_dead_watcher_thread_makes_the_daemon_exit_non_zero(
     task = asyncio.create_task(daemon.run())
     await _ready(daemon, task)
     assert daemon.health()["watcher_alive"] is True
-    assert daemon.watcher is not None
-    for observer in daemon.watcher._observers:  # what an exception in watchdog's thread does
+    assert daemon.bridge.watcher is not None
+    for observer in daemon.bridge.watcher._observers:  # what an exception in watchdog's thread does
         observer.stop()
         observer.join()
     assert daemon.health()["status"] == "failing"
-    daemon.on_dir(root)  # any wake-up: the loop checks the watcher first
+    daemon.bridge.on_dir(root)  # any wake-up: the loop checks the watcher first
     async with asyncio.timeout(30):
         assert await task == EXIT_FAILED

@@ -48,3 +48,8 @@ def fill(directory: Path) -> Path:
 def read_only(mount: Path) -> None:
     """Remount a filesystem from `small_filesystem` read-only."""
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+
+
+def read_write(mount: Path) -> None:
+    """Undo `read_only`."""
+    subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True, capture_output=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensettle.scheduler import Debouncer, DueHeap, next_tick
+from tokensettle.scheduler import Debouncer, DueHeap, PollGrid, next_tick
 
 
 @given(
@@ -63,3 +63,55 @@ def test_next_tick_is_the_first_boundary_not_before(t: float, tick: float) -> No
     assert n >= t
     assert n - tick < t  # the boundary before it is already past
     assert (n / tick) == round(n / tick)
+
+
+# ------------------------------------------------------------------ the poll grid
+
+
+def test_runs_found_already_due_share_the_next_grid_point() -> None:
+    # The field trial: 36 runs copied in bursts, each already past MIN_AGE, were polled
+    # one by one as they arrived (51 requests). On the grid they wait for one point.
+    grid: PollGrid[str] = PollGrid(60.0)
+    for i, now in enumerate([1000.5, 1010.0, 1019.9, 1031.0]):
+        grid.put(f"run-{i}", due=900.0 + i, now=now)
+    assert {grid.due_of(f"run-{i}") for i in range(4)} == {1020.0, 1080.0}
+    assert grid.take(1020.0) == ["run-0", "run-1", "run-2"]
+    assert grid.take(1080.0) == ["run-3"]
+
+
+def test_a_due_time_in_the_future_lands_on_its_own_grid_point() -> None:
+    grid: PollGrid[str] = PollGrid(60.0)
+    grid.put("a", due=1200.0, now=1000.0)  # on a point: that point
+    grid.put("b", due=1200.5, now=1000.0)  # just after: the next one
+    assert (grid.due_of("a"), grid.due_of("b")) == (1200.0, 1260.0)
+
+
+def test_a_run_due_exactly_now_on_a_grid_point_waits_for_the_next_point() -> None:
+    grid: PollGrid[str] = PollGrid(60.0)
+    grid.put("a", due=1200.0, now=1200.0)  # the round of 1200 may be running already
+    assert grid.due_of("a") == 1260.0
+
+
+@given(st.floats(0, 10**6), st.floats(0, 10**6), st.sampled_from([1.0, 60.0, 600.0]))
+def test_grid_points_are_never_in_the_past_nor_before_the_due_time(
+    due: float, now: float, tick: float
+) -> None:
+    point = PollGrid[str](tick).point(due, now)
+    assert point >= due
+    assert point > now or (point == due and due > now)
+    assert point - max(due, now) <= tick + 1e-6
+
+
+def test_a_hold_keeps_a_run_off_the_grid_until_it_ends() -> None:
+    grid: PollGrid[str] = PollGrid(60.0)
+    grid.put("a", due=900.0, now=1000.0)
+    grid.hold("a", until=1500.0, now=1000.0)
+    assert grid.due_of("a") == 1500.0
+    grid.put("a", due=900.0, now=1010.0)  # what the file says does not lift the hold
+    assert grid.due_of("a") == 1500.0
+    assert grid.take(1499.0) == []
+    grid.release("a")
+    grid.put("a", due=900.0, now=1010.0)
+    assert grid.due_of("a") == 1020.0
+    grid.drop("a")
+    assert "a" not in grid and grid.held("a") is None

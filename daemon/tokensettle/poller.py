@@ -1,0 +1,172 @@
+"""The poll room: one round of the poll grid. Takes the runs due at a grid point, makes
+one batched attempt for all of them (stamped with the grid point), and puts every run
+back where its outcome says: on the grid from what its file now records, off it once
+settled, or held back after a failure the file could not record.
+
+Every fault here is bounded and visible: a failed write backs off like a failed request
+(`RETRY_DELAY` doubling to `MAX_BACKOFF`), counts in `/metrics` and shows in `/healthz`
+until the same run is written again; a refused admin key pauses polling for
+`MAX_BACKOFF`, and a failing Usage API shows until a fetch succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from tokensettle.health import Faults
+from tokensettle.metrics import Metrics
+from tokensettle.reconcile import Reconciler, RunOutcome
+from tokensettle.registry import Registry
+from tokensettle.runfile import iso
+from tokensettle.scheduler import PollGrid
+from tokensettle.stability import Status, backoff
+
+log = structlog.get_logger("tokensettle.daemon")
+
+USAGE_API = "usage_api"
+
+
+class Poller:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        registry: Registry,
+        grid: PollGrid[Path],
+        faults: Faults,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.reconciler = reconciler
+        self.registry = registry
+        self.grid = grid
+        self.faults = faults
+        self.metrics = metrics
+        self.clock = clock
+        self.auth_error: str | None = None
+        self.auth_retry_at: datetime | None = None
+        self.last_api_success: datetime | None = None
+
+    async def round(self, point: float) -> list[RunOutcome]:
+        """Poll every run due at grid point `point` (Unix seconds)."""
+        at = datetime.fromtimestamp(point, UTC)
+        paths = self.grid.take(point)
+        paused = self.paused_until()
+        if paused is not None and at < paused:
+            for path in paths:  # found while the key is refused: wait with the others
+                self.grid.hold(path, paused.timestamp(), point)
+            return []
+        due = self.registry.loaded_of(paths)
+        if not due:
+            return []
+        self.metrics.poll_rounds.inc()
+        client = self.reconciler.client
+        before = client.requests_sent if client else 0
+        report = await self.reconciler.run_batch(
+            due, extra_owners=self.registry.owners(due), now=at
+        )
+        self.metrics.api_requests.inc((client.requests_sent if client else 0) - before)
+        now = self.clock()
+        if report.auth_error:
+            self._auth_failed(report.auth_error, paths, now)
+            return report.outcomes
+        if self.auth_error is not None:
+            log.info("daemon.auth_recovered")
+        self.auth_error = None
+        self.faults.clear("auth")
+        self.metrics.auth_ok.set(1)
+        polled = [o for o in report.outcomes if o.polled]
+        fetch_failed = [o for o in polled if o.totals is None]
+        if any(o.totals is not None for o in polled):
+            self.last_api_success = now
+            self.metrics.last_api_success.set(now.timestamp())
+        if fetch_failed:
+            error = next((o.message for o in fetch_failed), "")
+            self.faults.raise_("fetch", USAGE_API, error, now)
+        elif polled:
+            self.faults.clear("fetch")
+        handled: set[Path] = set()
+        for outcome in report.outcomes:
+            handled.add(outcome.path)
+            self._count(outcome, now)
+            self._put_back(outcome, now)
+        # Runs taken off the grid but not in the report (gone meanwhile): read them again.
+        await self.registry.look([p for p in paths if p not in handled], trailing=True)
+        await self.registry.look(
+            [o.path for o in report.outcomes if o.after is None and o.write_error is None],
+            trailing=True,
+        )
+        return report.outcomes
+
+    def _auth_failed(self, error: str, paths: list[Path], now: datetime) -> None:
+        policy = self.reconciler.policy
+        self.auth_error = error
+        self.auth_retry_at = now + policy.max_backoff
+        self.faults.raise_("auth", USAGE_API, error, now)
+        self.metrics.auth_ok.set(0)
+        log.error(
+            "daemon.auth_failed",
+            error=error,
+            action="polling paused; fix the admin key's api.usage.read scope",
+            retry_at=iso(self.auth_retry_at),
+        )
+        for path in paths:
+            self.grid.hold(path, self.auth_retry_at.timestamp(), now.timestamp())
+
+    def _put_back(self, outcome: RunOutcome, now: datetime) -> None:
+        path = outcome.path
+        if outcome.write_error is not None:
+            self.metrics.write_failures.inc()
+            fault = self.faults.raise_("write", str(path), outcome.write_error, now)
+            policy = self.reconciler.policy
+            wait = backoff(policy.retry_delay, fault.failures, policy.max_backoff)
+            self.grid.hold(path, (now + wait).timestamp(), now.timestamp())
+            log.warning(
+                "run.write_backoff",
+                path=str(path),
+                error=outcome.write_error,
+                failures=fault.failures,
+                retry_at=iso(now + wait),
+            )
+            self.registry.reschedule(path)
+            return
+        if outcome.after is not None:
+            if self.faults.clear("write", str(path)):
+                log.info("run.write_recovered", path=str(path))
+            self.grid.release(path)
+            self.registry.admit_written(outcome.after)
+
+    def paused_until(self) -> datetime | None:
+        if self.auth_error is not None and self.auth_retry_at is not None:
+            return self.auth_retry_at
+        return None
+
+    def _count(self, outcome: RunOutcome, now: datetime) -> None:
+        if outcome.polled:
+            self.metrics.attempts.labels(outcome.state).inc()
+            if outcome.totals is None:
+                self.metrics.api_errors.labels("fetch").inc()
+        if outcome.state in (Status.VERIFIED, Status.AMBIGUOUS) and outcome.written:
+            if outcome.run_end is not None:
+                self.metrics.time_to_verify.observe((now - outcome.run_end).total_seconds())
+            if outcome.totals is not None:
+                fw = outcome.framework
+                self.metrics.tokens.labels(fw, "in").inc(outcome.totals.input_tokens)
+                self.metrics.tokens.labels(fw, "out").inc(outcome.totals.output_tokens)
+            if outcome.cost_usd is not None:
+                self.metrics.cost.labels(outcome.framework).inc(outcome.cost_usd)
+            after = (now - outcome.run_end) if outcome.run_end else None
+            log.info(
+                "run.settled",
+                run_id=outcome.run_id,
+                framework=outcome.framework,
+                status=outcome.state,
+                tokens_in=outcome.totals.input_tokens if outcome.totals else None,
+                tokens_out=outcome.totals.output_tokens if outcome.totals else None,
+                attempts=outcome.attempts,
+                seconds_after_end=round(after / timedelta(seconds=1)) if after else None,
+            )

@@ -1,0 +1,402 @@
+"""The runs the daemon knows: unfinished ones in memory, finished ones in the index.
+
+Every file operation runs in a worker thread (a FIFO or a slow disk must never stall the
+event loop); what comes back is admitted on the loop: tracked and put on the poll grid,
+or, once settled, kept only as an index row (its window still owns minutes when a
+neighbour is attributed). The files stay the record: state here is only what can be
+derived from them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tokensettle.discovery import RUN_FILE, SYMLINK_REASON, Found, found_of, run_entries
+from tokensettle.discovery import framework_of as _framework_of
+from tokensettle.index import FileKey, Finished, Index
+from tokensettle.reconcile import TOO_OLD, Loaded, RunRef, load_runs, window_problem
+from tokensettle.runfile import RunRecord, iso
+from tokensettle.scheduler import PollGrid
+from tokensettle.stability import TERMINAL, Policy, Status, next_due
+from tokensettle.usage import Scope
+from tokensettle.windows import Activity
+
+log = structlog.get_logger("tokensettle.daemon")
+
+#: Finished runs this far around a batch's windows are asked for as owners of its minutes.
+OWNER_MARGIN = 3600.0
+
+
+@dataclass
+class Tracked:
+    """A run the daemon is waiting on (or cannot read): it lives in memory only."""
+
+    loaded: Loaded
+    state: str
+    due: datetime | None = None
+    discovered: datetime = field(default_factory=lambda: datetime.now(UTC))
+    digest: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        record = self.loaded.record
+        return {
+            "path": str(self.loaded.found.path),
+            "framework": self.loaded.found.framework,
+            "run_id": record.run_id if record else None,
+            "status": self.state,
+            "message": (record.message if record else self.loaded.error) or "",
+            "attempts": len(record.attempts) if record else 0,
+            "run_end": iso(record.end) if record else None,
+            "next_poll_at": iso(self.due) if self.due else None,
+            "discovered_at": iso(self.discovered),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Probe:
+    """What a worker thread found at a path."""
+
+    path: Path
+    key: FileKey | None = None  # None: the path is gone (or was never a run)
+    loaded: Loaded | None = None  # None with a key: an unchanged finished run, or our echo
+    ignore: bool = False
+    finished: bool = False  # the index knows this very version as settled
+
+
+@dataclass
+class _Scan:
+    finished: list[Finished] = field(default_factory=list)
+    other: list[tuple[FileKey, Loaded]] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+
+def finished_row(key: FileKey, record: RunRecord) -> Finished:
+    written = record.written
+    return Finished(
+        key,
+        record.framework,
+        record.run_id,
+        record.activity.start,
+        record.activity.end,
+        record.status.value if record.status else "",
+        written.tokens_in if written else None,
+        written.tokens_out if written else None,
+        record.cost_usd,
+    )
+
+
+class Registry:
+    def __init__(
+        self,
+        roots: list[Path],
+        index: Index,
+        grid: PollGrid[Path],
+        *,
+        policy: Callable[[], Policy],
+        scope_for: Callable[[str], Scope],
+        grace: Callable[[], int],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.roots = roots
+        self.index = index
+        self.grid = grid
+        self._policy = policy
+        self._scope_for = scope_for
+        self._grace = grace
+        self.clock = clock
+        self.tracked: dict[Path, Tracked] = {}
+        #: digest of the bytes we last wrote to a path: its watcher event is our echo
+        self.ours: dict[Path, str] = {}
+        self._warned_unscoped: set[str] = set()
+        #: called with a directory to look at again soon (a file caught mid-write)
+        self.defer: Callable[[Path], None] = lambda _path: None
+
+    # ------------------------------------------------------------------ paths (pure)
+
+    def root_of(self, path: Path) -> Path | None:
+        for root in self.roots:
+            if path.is_relative_to(root) and path.parent != root:
+                return root
+        return None
+
+    # ------------------------------------------------------------------ reading (threads)
+
+    def _nested(self, path: Path, root: Path) -> bool:
+        """A metrics.json inside another run's directory (older per-sprint layouts)."""
+        parent = path.parent.parent
+        while parent != root and parent.is_relative_to(root):
+            if (parent / RUN_FILE).exists():
+                return True
+            parent = parent.parent
+        return False
+
+    def _probe(self, path: Path, echo: str | None) -> _Probe:
+        """Blocking. `echo`: the digest of our own last write, if the tracked run has it."""
+        root = self.root_of(path)
+        if root is None or self._nested(path, root):
+            return _Probe(path, ignore=True)
+        try:
+            key = FileKey.of(path)
+        except OSError:
+            return _Probe(path)
+        if self.index.lookup(key) is not None:
+            return _Probe(path, key, finished=True)
+        found = Found(
+            path,
+            root,
+            _framework_of(path),
+            SYMLINK_REASON if os.path.islink(path) else None,
+        )
+        (loaded,) = load_runs([found], self._grace())
+        if echo is not None and loaded.snapshot is not None and loaded.snapshot.digest == echo:
+            return _Probe(path, key)  # the event of our own write: nothing new
+        return _Probe(path, key, loaded)
+
+    def _scan_blocking(self, known: Mapping[str, tuple[int, int, int]]) -> _Scan:
+        """Stat every run file; parse only those the index does not know as finished.
+        Objects are built only for files that need parsing, and a finished run is kept as
+        its small index row, not its bytes: a restart over 100,000 runs stays cheap."""
+        scan = _Scan()
+        grace = self._grace()
+        for root in self.roots:
+            for entry in run_entries(root):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                scan.seen.add(entry.path)
+                if known.get(entry.path) == (st.st_ino, st.st_size, st.st_mtime_ns):
+                    continue
+                key = FileKey(entry.path, st.st_ino, st.st_size, st.st_mtime_ns)
+                (loaded,) = load_runs([found_of(entry, root)], grace)
+                if loaded.record is not None and loaded.record.status in TERMINAL:
+                    scan.finished.append(finished_row(key, loaded.record))
+                else:
+                    scan.other.append((key, loaded))
+        return scan
+
+    # ------------------------------------------------------------------ looking (loop)
+
+    def _echo(self, path: Path) -> str | None:
+        tracked = self.tracked.get(path)
+        ours = self.ours.get(path)
+        return ours if tracked is not None and tracked.digest == ours else None
+
+    async def look(self, paths: Iterable[Path], *, trailing: bool = False) -> None:
+        """(Re)read these run files in a worker thread and (re)schedule them."""
+        wanted = [(p, self._echo(p)) for p in paths]
+        if not wanted:
+            return
+        probes = await asyncio.to_thread(lambda: [self._probe(p, e) for p, e in wanted])
+        for probe in probes:
+            if probe.ignore:
+                continue
+            if probe.key is None:
+                self.forget(probe.path)
+            elif probe.finished:
+                self.tracked.pop(probe.path, None)
+                self.grid.drop(probe.path)
+            elif probe.loaded is not None:
+                self.admit(probe.key, probe.loaded, trailing=trailing)
+
+    async def look_under(self, directories: Iterable[Path]) -> None:
+        """A directory created or moved in: its run files may predate our watch on it."""
+        inside = [d for d in directories if any(d.is_relative_to(r) for r in self.roots)]
+        if not inside:
+            return
+
+        def find() -> list[Path]:
+            out: list[Path] = []
+            for directory in inside:
+                root = next(r for r in self.roots if directory.is_relative_to(r))
+                out.extend(
+                    Path(e.path)
+                    for e in run_entries(directory)
+                    if self.root_of(Path(e.path)) == root
+                )
+            return out
+
+        await self.look(await asyncio.to_thread(find))
+
+    def forget(self, path: Path) -> None:
+        self.tracked.pop(path, None)
+        self.grid.drop(path)
+        self.ours.pop(path, None)
+        self.index.forget([str(path)])
+
+    def forget_under(self, directory: Path) -> None:
+        """A directory was moved away or deleted: nothing under it exists at that path."""
+        for path in [p for p in self.tracked if p.is_relative_to(directory)]:
+            self.forget(path)
+        self.index.forget_under(str(directory))
+
+    def admit(self, key: FileKey, loaded: Loaded, *, trailing: bool, quiet: bool = False) -> None:
+        """Track, schedule or index one parsed file. `quiet`: right after our own poll,
+        whose `run.polled` event already told the story."""
+        path = loaded.found.path
+        digest = loaded.snapshot.digest if loaded.snapshot else ""
+        previous = self.tracked.get(path)
+        record = loaded.record
+        if record is None:
+            if not trailing and loaded.found.skip_reason is None:
+                # Possibly caught mid-write: look again once the path has been quiet.
+                self.defer(path)
+                return
+            state = "skipped" if loaded.found.skip_reason else Status.ERROR.value
+            if previous is None or previous.digest != digest or previous.state != state:
+                log.warning("run.unreadable", path=str(path), reason=loaded.error)
+            self.tracked[path] = Tracked(loaded, state, None, digest=digest)
+            self.grid.drop(path)
+            return
+        self._warn_unscoped(record.framework)
+        problem = window_problem(record, self._policy())
+        if problem is not None:
+            if previous is None or previous.digest != digest:
+                log.warning("run.unreadable", path=str(path), reason=problem)
+            self.tracked[path] = Tracked(
+                Loaded(loaded.found, None, loaded.snapshot, problem),
+                Status.ERROR.value,
+                None,
+                digest=digest,
+            )
+            self.grid.drop(path)
+            return
+        if record.status in TERMINAL:
+            self.tracked.pop(path, None)
+            self.grid.drop(path)
+            self.index.put([finished_row(key, record)])
+            return
+        now = self.clock()
+        policy = self._policy()
+        due = next_due(record.attempts, record.status, record.end, policy)
+        state = (record.status or Status.PENDING).value
+        if now >= record.end + policy.max_age and not (record.ours and record.attempts):
+            state, due = TOO_OLD, None
+        tracked = Tracked(loaded, state, due, digest=digest)
+        if previous is not None:
+            tracked.discovered = previous.discovered
+        self.tracked[path] = tracked
+        self.grid.put(path, due.timestamp() if due else None, now.timestamp())
+        point = self.grid.due_of(path)
+        if not quiet and (previous is None or previous.state != state):
+            log.info(
+                "run.scheduled" if due else "run.too_old",
+                path=str(path),
+                run_id=record.run_id,
+                framework=record.framework,
+                status=state,
+                attempts=len(record.attempts),
+                next_poll_at=iso(datetime.fromtimestamp(point, UTC)) if point else None,
+            )
+
+    def admit_written(self, loaded: Loaded) -> None:
+        """The file as our own write left it: no need to read it again."""
+        path = loaded.found.path
+        snap = loaded.snapshot
+        if snap is None:
+            return
+        self.ours[path] = snap.digest
+        key = FileKey(str(path), snap.inode, snap.size, snap.mtime_ns)
+        self.admit(key, loaded, trailing=True, quiet=True)
+
+    def reschedule(self, path: Path) -> None:
+        """Put a tracked run back on the grid from what its file says (and any hold)."""
+        tracked = self.tracked.get(path)
+        if tracked is None or tracked.loaded.record is None:
+            return
+        record = tracked.loaded.record
+        due = next_due(record.attempts, record.status, record.end, self._policy())
+        self.grid.put(path, due.timestamp() if due else None, self.clock().timestamp())
+
+    def _warn_unscoped(self, framework: str) -> None:
+        if framework in self._warned_unscoped:
+            return
+        self._warned_unscoped.add(framework)
+        if self._scope_for(framework).is_organisation:
+            log.warning(
+                "config.framework_without_scope",
+                framework=framework,
+                detail="its runs are settled against the whole organisation's usage, so "
+                "concurrent traffic counts too; set OPENAI_API_KEY_<FW>_ID or "
+                "[frameworks.<fw>] api_key_ids / project_ids",
+            )
+
+    def rescoped(self) -> None:
+        """Scopes were reloaded: warn again about frameworks that still have none."""
+        self._warned_unscoped.clear()
+
+    # ------------------------------------------------------------------ rescans
+
+    async def rescan(self, reason: str) -> dict[str, Any]:
+        known = self.index.versions()
+        scan = await asyncio.to_thread(self._scan_blocking, known)
+        self.index.put(scan.finished)
+        for row in scan.finished:
+            path = Path(row.key.path)
+            self.tracked.pop(path, None)
+            self.grid.drop(path)
+        for key, loaded in scan.other:
+            self.admit(key, loaded, trailing=True)
+        for path in [p for p in self.tracked if str(p) not in scan.seen]:
+            self.forget(path)
+        missing = [p for p in known if p not in scan.seen]
+        if missing:
+            self.index.forget(missing)
+        return {
+            "reason": reason,
+            "parsed": len(scan.finished) + len(scan.other),
+            "skipped_finished": len(known) - len(missing),
+            "tracked": len(self.tracked),
+        }
+
+    # ------------------------------------------------------------------ for a poll round
+
+    def loaded_of(self, paths: Iterable[Path]) -> list[Loaded]:
+        return [
+            self.tracked[p].loaded
+            for p in paths
+            if p in self.tracked and self.tracked[p].loaded.record is not None
+        ]
+
+    def owners(self, due: list[Loaded]) -> list[RunRef]:
+        """Every run that may own minutes of the batch: tracked ones and finished rows."""
+        owners = [RunRef.of(t.loaded.record) for t in self.tracked.values() if t.loaded.record]
+        records = [e.record for e in due if e.record is not None]
+        if not records:
+            return owners
+        lo = min(r.activity.start for r in records) - OWNER_MARGIN
+        hi = max(r.activity.end for r in records) + OWNER_MARGIN
+        grace = self._grace()
+        for row in self.index.overlapping(lo, hi):
+            activity = Activity(row.start, row.end, grace)
+            owners.append(RunRef(Path(row.key.path), row.framework, row.run_id, activity))
+        return owners
+
+    # ------------------------------------------------------------------ for HTTP
+
+    def runs_json(self, framework: str | None = None) -> dict[str, Any]:
+        items = [
+            t.to_json()
+            for t in sorted(self.tracked.values(), key=lambda t: str(t.loaded.found.path))
+        ]
+        frameworks = self.index.by_framework()
+        if framework:
+            items = [i for i in items if i["framework"] == framework]
+            frameworks = {k: v for k, v in frameworks.items() if k == framework}
+        return {"runs": items, "finished": self.index.counts(), "frameworks": frameworks}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for tracked in self.tracked.values():
+            counts[tracked.state] = counts.get(tracked.state, 0) + 1
+        for status, n in self.index.counts().items():
+            counts[status] = counts.get(status, 0) + n
+        return counts

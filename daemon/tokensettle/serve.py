@@ -1,0 +1,162 @@
+"""The serve room: `/healthz`, `/metrics` and `/runs` on `HTTP_ADDR`, bounded.
+
+The status server must never cost the daemon its real job. 1,100 idle connections once
+exhausted the process's 1,024 file descriptors and no run settled, so: at most
+`max_connections` connections are served at a time (the next ones get a one-line 503 and
+are closed at once), an idle connection is closed after `idle_timeout` (aiohttp's
+keep-alive timer also runs before the first request), and refusals are counted and
+logged at most once a minute. Handlers only read what the other rooms keep in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger("tokensettle.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n"
+    b"Connection: close\r\n\r\ntoo many connections; try again soon\n"
+)
+
+
+class BindError(Exception):
+    """The address cannot be listened on. `str()` is one line naming it."""
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers 503 and hangs up: what a connection over the limit gets."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            transport.write(_BUSY)
+        transport.close()
+
+
+class BoundedSite(web.BaseSite):
+    """A TCP site that serves at most `limit` connections at once."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        on_refused: Callable[[], None],
+    ) -> None:
+        super().__init__(runner, backlog=128)
+        self._host, self._port = host, port
+        self._limit = limit
+        self._on_refused = on_refused
+
+    @property
+    def name(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def factory() -> asyncio.Protocol:
+            if len(server.connections) >= self._limit:
+                self._on_refused()
+                return _Refuse()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+
+class StatusServer:
+    def __init__(
+        self,
+        addr: str,
+        routes: dict[str, Handler],
+        *,
+        max_connections: int = 64,
+        idle_timeout: float = 15.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.addr = addr
+        self.routes = routes
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.refused = 0
+        self._monotonic = monotonic
+        self._last_refusal_log = -float("inf")
+        self._runner: web.AppRunner | None = None
+        self.on_refused: Callable[[], None] = lambda: None
+
+    def _refused(self) -> None:
+        self.refused += 1
+        self.on_refused()
+        now = self._monotonic()
+        if now - self._last_refusal_log >= 60:
+            self._last_refusal_log = now
+            log.warning(
+                "http.connections_refused",
+                limit=self.max_connections,
+                refused_total=self.refused,
+                detail="the status server is at its connection limit; runs keep settling",
+            )
+
+    async def start(self) -> None:
+        host, port = split_addr(self.addr)
+        app = web.Application()
+        for path, handler in self.routes.items():
+            app.router.add_get(path, handler)
+        runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=self.idle_timeout, handle_signals=False
+        )
+        await runner.setup()
+        site = BoundedSite(runner, host, port, limit=self.max_connections, on_refused=self._refused)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise BindError(
+                f"http_addr (TOKENSETTLE_HTTP_ADDR): cannot listen on {self.addr}: "
+                f"{exc.strerror or exc}; choose a free port, or set it empty to disable"
+            ) from None
+        self._runner = runner
+        log.info("http.listening", addr=self.addr, max_connections=self.max_connections)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def can_bind(addr: str) -> str | None:
+    """None if `addr` could be listened on now, else why not (one line). For doctor and
+    for the daemon's checks before it starts anything."""
+    try:
+        host, port = split_addr(addr)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (ValueError, OSError) as exc:
+        return f"cannot resolve {addr}: {exc}"
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as exc:
+            return f"cannot listen on {addr}: {exc.strerror or exc}"
+    return None
