@@ -516,6 +516,8 @@ async def test_control_endpoints(sim: RunningSimulator, session: aiohttp.ClientS
         ("requests", b'{"requests": [{"time": 1}]}'),
         ("faults", b'{"faults": [{"kind": "418"}]}'),
         ("keys", b'{"admin_keys": "sk-admin-x"}'),
+        ("requests", b'{"requests": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),  # was a 500
+        ("requests", b'{"requests": [], "n": ' + b"9" * 5_000 + b"}"),  # was a 500
     ],
 )
 async def test_control_endpoints_refuse_bad_bodies(
