@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 import zlib
 from collections import Counter
@@ -544,18 +543,11 @@ async def serve_forever(
 
 
 def run_simulator_cli(host: str, port: int, scenario_file: Path | None) -> int:
-    """`tokensettle simulate`: serve until SIGINT/SIGTERM. Exit 0, or 2 for a bad scenario
-    file or an address that cannot be bound."""
-    try:
-        scenario = load_scenario_file(scenario_file) if scenario_file else Scenario()
-    except ScenarioError as exc:
-        sys.stderr.write(f"tokensettle simulate: {exc}\n")
-        return 2
-    try:
-        asyncio.run(serve_forever(host, port, scenario))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        sys.stderr.write(f"tokensettle simulate: cannot listen on {host}:{port}: {exc}\n")
-        return 2
-    return 0
+    """`tokensettle simulate --host --port --scenario` as the top-level CLI calls it today;
+    the same as `tokensettle.simulator.cli.main` (which owns the options)."""
+    from tokensettle.simulator import cli  # noqa: PLC0415 - cli imports this module
+
+    argv = ["--host", host, "--port", str(port)]
+    if scenario_file is not None:
+        argv += ["--scenario", str(scenario_file)]
+    return cli.main(cli.build_parser().parse_args(argv))
