@@ -1,16 +1,44 @@
-"""Prometheus metrics (prometheus-client), on a registry of our own so tests can read them."""
+"""Prometheus metrics (prometheus-client), on a registry of our own so tests can read them.
+
+Conventions: served as the Prometheus text format 0.0.4 (`CONTENT_TYPE`, the format
+`generate_latest` writes; Prometheus 3 refuses a scrape without a version), with
+`tokensettle_build_info{version}` and no `_created` series (prometheus-client's
+`disable_created_metrics`: one sample per counter, not two; it is process-wide and done on
+import). Names are stable: dashboards and alerts use them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from tokensettle import __version__
+
+#: The `Content-Type` of `/metrics`: `text/plain; version=0.0.4; charset=utf-8`.
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
 _TIME_TO_VERIFY_BUCKETS = (300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 14400, 43200, 86400)
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        Info("tokensettle_build", "The running tokensettle", registry=r).info(
+            {"version": __version__}
+        )
         self.runs = Gauge("tokensettle_runs", "Known runs by status", ["status"], registry=r)
         self.attempts = Counter(
             "tokensettle_attempts", "Attempts made, by resulting status", ["status"], registry=r
@@ -71,5 +99,29 @@ class Metrics:
             registry=r,
         )
 
+        # Faults: each is counted while it happens and shown while it lasts.
+        self.write_failures = Counter(
+            "tokensettle_write_failures",
+            "Run file writes that failed (nothing of the file changed)",
+            registry=r,
+        )
+        self.runs_write_failing = Gauge(
+            "tokensettle_runs_write_failing",
+            "Runs whose latest write failed and that wait for a retry",
+            registry=r,
+        )
+        self.index_available = Gauge(
+            "tokensettle_index_available",
+            "1 while the state index is in use, 0 while running without it",
+            registry=r,
+        )
+        self.http_rejected = Counter(
+            "tokensettle_http_rejected_connections",
+            "Status-server connections refused or closed for exceeding a bound",
+            ["reason"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
+        """The exposition, to be served with `CONTENT_TYPE`."""
         return generate_latest(self.registry)

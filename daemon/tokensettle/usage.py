@@ -3,6 +3,10 @@
 `Usage` is an exact, additive bag of integer counters. The three fields the API always
 sends are plain ints; every other field is optional (`None` = the data did not carry it),
 because the field set has changed over time and old buckets lack the breakdown.
+
+A counter the provider sends is data only when it is plausible: see `implausibility` and
+the bounds below (docs/decisions.md, "HTTP client"). Anything beyond them is a malformed
+answer, never a number we store.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ OPTIONAL_FIELDS: tuple[str, ...] = (
     "input_cached_image_tokens",
     "output_image_tokens",
 )
-ALL_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + OPTIONAL_FIELDS
+#: Optional fields the official SDK (openai 3.57.0, generated from a newer spec than our
+#: extract) knows and the extract does not: cache writes split by retention. "May be absent
+#: or null for older responses"; together they make up `input_cache_write_tokens`.
+#: Kept apart from OPTIONAL_FIELDS until the breakdown lays them out (breakdown.LAYOUT).
+SDK_OPTIONAL_FIELDS: tuple[str, ...] = (
+    "input_cache_write_30m_tokens",
+    "input_cache_write_12h_tokens",
+)
+ALL_OPTIONAL_FIELDS: tuple[str, ...] = OPTIONAL_FIELDS + SDK_OPTIONAL_FIELDS
+ALL_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + ALL_OPTIONAL_FIELDS
 DIMENSIONS: tuple[str, ...] = ("api_key_id", "project_id", "model")
 
 
@@ -58,12 +71,14 @@ class Usage:
     input_image_tokens: int | None = None
     input_cached_image_tokens: int | None = None
     output_image_tokens: int | None = None
+    input_cache_write_30m_tokens: int | None = None
+    input_cache_write_12h_tokens: int | None = None
 
     def __add__(self, other: Usage) -> Usage:
         values: dict[str, int | None] = {}
         for name in REQUIRED_FIELDS:
             values[name] = getattr(self, name) + getattr(other, name)
-        for name in OPTIONAL_FIELDS:
+        for name in ALL_OPTIONAL_FIELDS:
             values[name] = _add_optional(getattr(self, name), getattr(other, name))
         return Usage(**values)  # type: ignore[arg-type]
 
@@ -108,6 +123,68 @@ class UsageRowError(ValueError):
     """A result object in a Usage API response does not have the documented shape."""
 
 
+# Plausibility bounds for what one Usage API result may report (reasoning and sources in
+# docs/decisions.md, "HTTP client"). They are far above anything real, and far below what
+# breaks a signed 64-bit column or the sums of many rows.
+
+#: Largest value a counter may have at all: what SQLite and every int64 column hold.
+INT64_MAX = 2**63 - 1
+#: Tokens (input + output) one model request may average: 100x the largest context
+#: window of a current OpenAI model (GPT-4.1: 1,047,576 tokens, output included).
+MAX_TOKENS_PER_REQUEST = 100_000_000
+#: Tokens (input + output) one result may report per minute of its bucket: 100x the
+#: highest published per-model rate limit (about 1e9 TPM on Tier 5 mini models), enough
+#: for a whole Tier 5 batch queue (1.5e10) completing in one minute.
+MAX_TOKENS_PER_MINUTE = 100_000_000_000
+#: Model requests one result may report per minute of its bucket: 10,000x the highest
+#: published per-model request limit (30,000 RPM on Tier 5).
+MAX_REQUESTS_PER_MINUTE = 300_000_000
+
+
+def _show(value: float) -> str:
+    """A count for a message; huge ones as a power of ten (never a float conversion,
+    which overflows past 1e308)."""
+    if value < 10**12:
+        return f"{value:,.0f}"
+    exponent = round(int(value).bit_length() * 0.30103)
+    return f"~1e{exponent}"
+
+
+def implausibility(usage: Usage, *, bucket_seconds: int = 60) -> str | None:
+    """Why `usage` (one result of a bucket `bucket_seconds` wide) cannot be real, or None.
+
+    Checked: every counter fits a signed 64-bit integer; tokens (input + output, and each
+    token counter alone) and requests per minute of the bucket; tokens per request where
+    the result counts requests (tokens without requests are left to the per-minute bound).
+    """
+    minutes = max(1, -(-bucket_seconds // 60))
+    per = "minute" if minutes == 1 else f"{minutes} minutes"
+    token_limit = MAX_TOKENS_PER_MINUTE * minutes
+    for name in ALL_FIELDS:
+        value = getattr(usage, name)
+        if value is None:
+            continue
+        if value > INT64_MAX:
+            return f"{name} ({_show(value)}) does not fit a signed 64-bit integer"
+        if name != "num_model_requests" and value > token_limit:
+            return f"{name} ({_show(value)}) exceeds the plausible {_show(token_limit)} per {per}"
+    tokens = usage.input_tokens + usage.output_tokens
+    if tokens > token_limit:
+        return f"{_show(tokens)} tokens exceed the plausible {_show(token_limit)} per {per}"
+    requests = usage.num_model_requests
+    if requests > MAX_REQUESTS_PER_MINUTE * minutes:
+        return (
+            f"{_show(requests)} model requests exceed the plausible "
+            f"{_show(MAX_REQUESTS_PER_MINUTE * minutes)} per {per}"
+        )
+    if requests and tokens > MAX_TOKENS_PER_REQUEST * requests:
+        return (
+            f"{_show(tokens // requests)} tokens per model request exceed the plausible "
+            f"{_show(MAX_TOKENS_PER_REQUEST)}"
+        )
+    return None
+
+
 def _int_field(result: Mapping[str, Any], name: str, *, required: bool) -> int | None:
     value = result.get(name)
     if value is None:
@@ -127,7 +204,7 @@ def usage_from_result(result: Mapping[str, Any]) -> Usage:
     values: dict[str, int | None] = {}
     for name in REQUIRED_FIELDS:
         values[name] = _int_field(result, name, required=True)
-    for name in OPTIONAL_FIELDS:
+    for name in ALL_OPTIONAL_FIELDS:
         values[name] = _int_field(result, name, required=False)
     return Usage(**values)  # type: ignore[arg-type]
 

@@ -6,6 +6,11 @@ api_key_id, project_id and model, following every page. Each HTTP request is rat
 malformed bodies with exponential backoff and full jitter, honouring `Retry-After`. A
 failed fetch always raises a typed `UsageApiError`; it never yields empty or zero rows.
 
+Hostile answers are that request's failure, never a crash or data: a body is read
+incrementally (aiohttp decompresses as it streams) and abandoned past `max_page_bytes`
+decoded bytes; JSON nested too deeply or holding an integer Python will not read is
+malformed; counts beyond the plausibility bounds of `usage.implausibility` are malformed.
+
 The admin key is sent only in the `Authorization` header: it is not stored in any
 exception, repr or log event, and server messages are scrubbed of it before use.
 """
@@ -26,10 +31,11 @@ import structlog
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from tokensettle.usage import UsageRow, UsageRowError, usage_from_result
+from tokensettle.usage import UsageRow, UsageRowError, implausibility, usage_from_result
 from tokensettle.windows import MAX_BUCKETS_PER_PAGE, Interval, floor_minute
 
 __all__ = [
+    "DEFAULT_MAX_PAGE_BYTES",
     "GROUP_BY",
     "USAGE_PATH",
     "AuthError",
@@ -40,6 +46,7 @@ __all__ = [
     "Page",
     "PaginationError",
     "RateLimitedError",
+    "ResponseTooLargeError",
     "RetryPolicy",
     "ServerError",
     "TransportError",
@@ -55,6 +62,12 @@ USAGE_PATH: Final = "/organization/usage/completions"
 GROUP_BY: Final = ("api_key_id", "project_id", "model")
 RESULT_OBJECT: Final = "organization.usage.completions.result"
 _MESSAGE_LIMIT: Final = 500
+#: Decoded bytes of one page we read before giving up on it (docs/decisions.md, "HTTP
+#: client"): a 1,440-bucket page fits ~27 results a minute carrying every field (~850
+#: bytes each), ~48 with eight counters; parsing one at the cap peaks at ~165 MB RSS.
+DEFAULT_MAX_PAGE_BYTES: Final = 32 * 1024 * 1024
+#: Of an error answer we read this much: enough for any error envelope's message.
+_ERROR_BODY_LIMIT: Final = 64 * 1024
 _REDACTED: Final = "[REDACTED]"
 
 log = structlog.get_logger("tokensettle.usage_api")
@@ -125,6 +138,13 @@ class MalformedResponseError(UsageApiError):
     """A body that is not JSON or not the documented page shape, after the retries."""
 
     retryable = True
+
+
+class ResponseTooLargeError(MalformedResponseError):
+    """A page whose decoded body exceeds the client's `max_page_bytes`. Not retried at
+    once: the same query gives the same page; the attempt fails and is tried later."""
+
+    retryable = False
 
 
 class PaginationError(UsageApiError):
@@ -287,6 +307,9 @@ def parse_page(body: object, interval: Interval) -> Page:
                 usage = usage_from_result(result)
             except UsageRowError as exc:
                 raise _malformed(f"bucket {start}: {exc}") from None
+            problem = implausibility(usage, bucket_seconds=60)  # we ask for 1m buckets
+            if problem is not None:
+                raise _malformed(f"bucket {start}: implausible counts: {problem}")
             rows.append(
                 UsageRow(
                     minute=minute,
@@ -301,18 +324,39 @@ def parse_page(body: object, interval: Interval) -> Page:
     )
 
 
-def decode_page(raw: bytes, interval: Interval) -> Page:
+def _load_json(raw: bytes | bytearray) -> object:
+    """json.loads, with every way a hostile body can make it fail as one clear line."""
     try:
-        body = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _malformed(
             f"body is not JSON ({exc.__class__.__name__} at byte {_pos(exc)})"
         ) from None
-    return parse_page(body, interval)
+    except RecursionError:
+        raise _malformed("body is JSON nested too deeply to read") from None
+    except ValueError:
+        # int() refuses integers of more than sys.get_int_max_str_digits() digits (4300)
+        raise _malformed("body holds an integer too long to read") from None
+
+
+def decode_page(raw: bytes | bytearray, interval: Interval) -> Page:
+    return parse_page(_load_json(raw), interval)
 
 
 def _pos(exc: Exception) -> int:
     return getattr(exc, "pos", getattr(exc, "start", -1))
+
+
+async def read_capped(content: aiohttp.StreamReader, limit: int) -> tuple[bytearray, bool]:
+    """Up to `limit` bytes of a body as aiohttp decodes it, chunk by chunk; and whether
+    that was all of it. Memory stays within `limit` plus one chunk whatever is sent."""
+    buf = bytearray()
+    async for chunk in content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            del buf[limit:]
+            return buf, False
+    return buf, True
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
@@ -360,11 +404,14 @@ class UsageClient:
         request_timeout: float = 30.0,
         retry: RetryPolicy = RetryPolicy(),
         max_pages: int = 500,
+        max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
     ) -> None:
         if rate_limit_per_min <= 0:
             raise ValueError("rate_limit_per_min must be positive")
         if max_pages < 1:
             raise ValueError("max_pages must be at least 1")
+        if max_page_bytes < 1:
+            raise ValueError("max_page_bytes must be at least 1")
         self._url = base_url.rstrip("/") + USAGE_PATH
         self.__key = admin_key
         self._session = session
@@ -372,6 +419,7 @@ class UsageClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._retry = retry
         self._max_pages = max_pages
+        self._max_page_bytes = max_page_bytes
         self._requests_sent = 0
         self._rng = random.Random()
 
@@ -475,7 +523,8 @@ class UsageClient:
                     allow_redirects=False,
                 ) as resp:
                     status = resp.status
-                    body = await resp.read()
+                    limit = self._max_page_bytes if status == 200 else _ERROR_BODY_LIMIT
+                    body, complete = await read_capped(resp.content, limit)
                     headers = dict(resp.headers.items())
                     reason = resp.reason or ""
             except TimeoutError:
@@ -491,6 +540,14 @@ class UsageClient:
                     f"Usage API request failed: {type(exc).__name__}: {detail} ({of})",
                     attempt=attempt,
                 ) from None
+        if status == 200 and not complete:
+            self._log(status, page_no, attempt, began, error="too_large")
+            raise ResponseTooLargeError(
+                f"malformed Usage API page: larger than {self._max_page_bytes:,} bytes "
+                f"decoded (max_page_bytes); not read further ({of})",
+                status=200,
+                attempt=attempt,
+            )
         self._log(status, page_no, attempt, began)
         if status == 200:
             try:
@@ -507,7 +564,7 @@ class UsageClient:
         *,
         reason: str,
         headers: Mapping[str, str],
-        body: bytes,
+        body: bytes | bytearray,
         of: str,
         attempt: int,
     ) -> UsageApiError:
@@ -560,11 +617,11 @@ class UsageClient:
             )
 
 
-def _error_message(body: bytes) -> str | None:
+def _error_message(body: bytes | bytearray) -> str | None:
     """`error.message` of the standard envelope, if the body is one."""
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = _load_json(body)
+    except MalformedResponseError:
         return None
     if isinstance(obj, Mapping):
         err = obj.get("error")

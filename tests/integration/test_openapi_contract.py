@@ -197,6 +197,16 @@ async def sim(t0: int) -> AsyncIterator[RunningSimulator]:
                             if m % 4 == 0
                             else {}
                         ),
+                        # the SDK's newer fields: cache writes by retention
+                        **(
+                            {
+                                "input_cache_write_tokens": 30,
+                                "input_cache_write_30m_tokens": 20,
+                                "input_cache_write_12h_tokens": 10,
+                            }
+                            if m % 3 == 0
+                            else {}
+                        ),
                     },
                 }
                 for m in (0, 1, 2, 5, 8, 60, 61, 1500, 2999)
@@ -280,6 +290,7 @@ def _page_queries(t0: int) -> list[str]:
         f"start_time={t0 - DAY + 17}&bucket_width=1d&limit=2",  # clipped day buckets, paged
         f"start_time={t0}&end_time={t0 + 3000 * 60}&bucket_width=1m&limit=1440{grouped}",
         f"start_time={t0}&end_time={t0 + 600}&bucket_width=1m&api_key_ids=key_9",  # all empty
+        f"start_time={t0}&end_time={t0 + 600}&bucket_width=1m&group_by=api_source&group_by=model",
     ]
 
 
@@ -304,6 +315,55 @@ async def test_simulator_pages_conform(
                 break
             cursor = page["next_page"]
     assert pages >= 12 and results >= 15  # the walk really covered paged, non-empty answers
+
+
+#: The `group_by` enum of the official SDK (openai 3.57.0) for usage/completions: the
+#: extract's six values, and `api_source`, which the extract does not know yet.
+SDK_GROUP_BY = (
+    "project_id",
+    "user_id",
+    "api_key_id",
+    "model",
+    "batch",
+    "service_tier",
+    "api_source",
+)
+
+
+async def test_every_group_by_value_the_sdk_sends_is_answered(
+    spec: OpenAPI,
+    raw_spec: dict[str, Any],
+    sim: RunningSimulator,
+    session: aiohttp.ClientSession,
+    t0: int,
+) -> None:
+    """`group_by=api_source` was a 400 (issue 7, item 10). The SDK sends arrays as
+    `group_by[]=...`; every value alone and all together give a page that conforms."""
+    enum = declared(raw_spec)["group_by"]["items"]["enum"]
+    assert set(enum) == set(SDK_GROUP_BY) - {"api_source"}  # what the extract lacks
+    base = f"start_time={t0}&end_time={t0 + 600}&bucket_width=1m"
+    for values in [*((v,) for v in SDK_GROUP_BY), SDK_GROUP_BY]:
+        query = base + "".join(f"&group_by[]={v}" for v in values)
+        status, headers, body = await get(session, sim, query)
+        assert status == 200, (query, body)
+        spec.validate_response(spec_request(query), spec_response(status, headers, body))
+        results = [r for b in json.loads(body)["data"] for r in b["results"]]
+        assert results, query
+        if "api_source" in values:
+            assert {r["api_source"] for r in results} == {"unlabeled"}
+        else:
+            assert {r["api_source"] for r in results} == {None}
+
+
+async def test_the_sdk_cache_write_fields_reach_the_client(
+    sim: RunningSimulator, session: aiohttp.ClientSession, t0: int
+) -> None:
+    c = UsageClient(base_url=sim.base_url, admin_key=KEY, session=session)
+    rows = (await c.fetch(Interval(t0, t0 + 600))).rows
+    by_minute = {r.minute: r.usage for r in rows}
+    assert by_minute[t0].input_cache_write_30m_tokens == 20  # m = 0
+    assert by_minute[t0].input_cache_write_12h_tokens == 10
+    assert by_minute[t0 + 60].input_cache_write_30m_tokens is None  # m = 1: not carried
 
 
 async def test_tampered_pages_fail_validation(

@@ -27,9 +27,9 @@ from tokensettle.simulator import (
     Scenario,
     ScenarioError,
     load_scenario_file,
-    run_simulator_cli,
     serve_forever,
 )
+from tokensettle.simulator import cli as simulator_cli
 from tokensettle.simulator.server import _loopback_only
 from tokensettle.usage import Usage, UsageRow
 from tokensettle.usage_api import (
@@ -516,6 +516,8 @@ async def test_control_endpoints(sim: RunningSimulator, session: aiohttp.ClientS
         ("requests", b'{"requests": [{"time": 1}]}'),
         ("faults", b'{"faults": [{"kind": "418"}]}'),
         ("keys", b'{"admin_keys": "sk-admin-x"}'),
+        ("requests", b'{"requests": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),  # was a 500
+        ("requests", b'{"requests": [], "n": ' + b"9" * 5_000 + b"}"),  # was a 500
     ],
 )
 async def test_control_endpoints_refuse_bad_bodies(
@@ -587,7 +589,8 @@ def test_scenario_files(tmp_path: Path) -> None:
         load_scenario_file(bad)
     with pytest.raises(ScenarioError, match="cannot read"):
         load_scenario_file(tmp_path / "missing.json")
-    assert run_simulator_cli("127.0.0.1", 0, bad) == 2
+    args = simulator_cli.build_parser().parse_args(["--port", "0", "--scenario", str(bad)])
+    assert simulator_cli.main(args) == 2
 
 
 # ---------------------------------------------------------------------------- exotic answers

@@ -276,6 +276,70 @@ def test_group_by_unmodelled_dimension_is_null() -> None:
     assert [(r["user_id"], r["input_tokens"]) for r in all_results(body)] == [(None, 7)]
 
 
+#: The `group_by` enum of the official SDK for usage/completions (openai 3.57.0,
+#: `types/admin/organization/usage_completions_params.py`): the spec's six + api_source.
+SDK_GROUP_BY = (
+    "project_id",
+    "user_id",
+    "api_key_id",
+    "model",
+    "batch",
+    "service_tier",
+    "api_source",
+)
+
+
+@pytest.mark.parametrize("value", SDK_GROUP_BY)
+def test_every_group_by_value_the_sdk_sends_is_accepted(value: str) -> None:
+    # `group_by[]=` as the SDK encodes arrays; api_source gave 400 before (issue 7, item 10)
+    query = parse_query([("start_time", str(T0)), ("group_by[]", value)])
+    assert query.group_by == (value,)
+
+
+def test_group_by_api_source_says_unlabeled_and_ungrouped_it_is_null() -> None:
+    grouped = page(
+        _mixed(),
+        start_time=str(T0),
+        end_time=str(T0 + 60),
+        bucket_width="1m",
+        group_by=["api_source", "model"],
+    )
+    assert sorted((r["api_source"], r["model"]) for r in all_results(grouped)) == [
+        ("unlabeled", FOUR_O),
+        ("unlabeled", MINI),
+    ]
+    plain = page(_mixed(), start_time=str(T0), end_time=str(T0 + 60), bucket_width="1m")
+    assert [r["api_source"] for r in all_results(plain)] == [None]
+
+
+def test_sdk_cache_write_fields_are_served_where_registered() -> None:
+    usage = Usage(
+        1000,
+        10,
+        1,
+        input_cache_write_tokens=300,
+        input_cache_write_30m_tokens=200,
+        input_cache_write_12h_tokens=100,
+    )
+    body = page(Scenario([vreq(T0 + 1, usage)]), start_time=str(T0), bucket_width="1m", limit="1")
+    (result,) = all_results(body)
+    assert (result["input_cache_write_30m_tokens"], result["input_cache_write_12h_tokens"]) == (
+        200,
+        100,
+    )
+    registered = request_from_json(
+        {
+            "time": T0,
+            "api_key_id": "k",
+            "project_id": "p",
+            "model": MINI,
+            "usage": {"input_tokens": 5, "input_cache_write_12h_tokens": 5},
+        },
+        registered_at=0,
+    )
+    assert registered.final_usage.input_cache_write_12h_tokens == 5
+
+
 def test_optional_token_fields_only_where_the_source_carried_them() -> None:
     body = page(
         _mixed(),
@@ -646,6 +710,10 @@ def test_bad_scenarios_are_refused(obj: Any) -> None:
         {"kind": "hang"},
         {"kind": "hang", "seconds": -1},
         {"kind": "429", "colour": "red"},
+        {"kind": "500", "size": 10},  # size is for the hostile-body kinds only
+        {"kind": "huge_page", "size": 0.5},
+        {"kind": "huge_page", "size": -1},
+        {"kind": "deep_json", "size": 10**9},  # above the kind's maximum
     ],
 )
 def test_bad_faults_are_refused(obj: dict[str, Any]) -> None:
@@ -663,3 +731,13 @@ def test_faults_are_fifo_and_numeric_kinds_accepted() -> None:
         Fault("hang", seconds=2.0),
         None,
     ]
+
+
+def test_hostile_body_faults_take_a_size_or_their_default() -> None:
+    assert Fault.from_json({"kind": "gzip_bomb"}).effective_size == 2**30
+    assert Fault.from_json({"kind": "huge_page", "size": 4096}).effective_size == 4096
+    assert Fault.from_json({"kind": "deep_json"}).effective_size == 100_000
+    assert Fault.from_json({"kind": "huge_int", "size": 400}).to_json() == {
+        "kind": "huge_int",
+        "size": 400,
+    }

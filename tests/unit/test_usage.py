@@ -10,12 +10,18 @@ from hypothesis import strategies as st
 
 from tokensettle.usage import (
     ALL_FIELDS,
-    OPTIONAL_FIELDS,
+    ALL_OPTIONAL_FIELDS,
+    INT64_MAX,
+    MAX_REQUESTS_PER_MINUTE,
+    MAX_TOKENS_PER_MINUTE,
+    MAX_TOKENS_PER_REQUEST,
     REQUIRED_FIELDS,
+    SDK_OPTIONAL_FIELDS,
     Scope,
     Usage,
     UsageRow,
     UsageRowError,
+    implausibility,
     usage_from_result,
 )
 
@@ -25,7 +31,7 @@ counts = st.integers(min_value=0, max_value=10**9)
 @st.composite
 def usages(draw: st.DrawFn) -> Usage:
     values: dict[str, int | None] = {name: draw(counts) for name in REQUIRED_FIELDS}
-    for name in OPTIONAL_FIELDS:
+    for name in ALL_OPTIONAL_FIELDS:
         values[name] = draw(st.none() | counts)
     return Usage(**values)  # type: ignore[arg-type]
 
@@ -53,7 +59,7 @@ def test_total_is_field_wise_sum_and_none_only_when_absent_everywhere(items: lis
     total = Usage.total(items)
     for name in REQUIRED_FIELDS:
         assert getattr(total, name) == sum(getattr(u, name) for u in items)
-    for name in OPTIONAL_FIELDS:
+    for name in ALL_OPTIONAL_FIELDS:
         assert getattr(total, name) == _field_sum(items, name)
 
 
@@ -95,7 +101,7 @@ def test_present_lists_required_fields_and_only_present_optional_ones(u: Usage) 
     out = u.present()
     for name in REQUIRED_FIELDS:
         assert out[name] == getattr(u, name)
-    for name in OPTIONAL_FIELDS:
+    for name in ALL_OPTIONAL_FIELDS:
         assert (name in out) == (getattr(u, name) is not None)
     assert Usage.from_fields(out) == u
 
@@ -161,6 +167,55 @@ def test_usage_from_result_rejects_floats_booleans_strings_negatives(
 @given(usages())
 def test_usage_from_result_round_trips_present(u: Usage) -> None:
     assert usage_from_result(u.present()) == u
+
+
+def test_sdk_cache_write_retention_fields_are_read_and_added() -> None:
+    u = usage_from_result(_result(input_cache_write_30m_tokens=70, input_cache_write_12h_tokens=30))
+    assert (u.input_cache_write_30m_tokens, u.input_cache_write_12h_tokens) == (70, 30)
+    assert set(SDK_OPTIONAL_FIELDS) <= set(ALL_FIELDS)
+    assert (u + usage_from_result(_result())).input_cache_write_30m_tokens == 70
+
+
+# ------------------------------------------------------------------ plausibility
+
+
+@settings(max_examples=60)
+@given(usages())
+def test_counts_of_real_magnitude_are_plausible(u: Usage) -> None:
+    # up to 1e9 per token counter over a thousand requests: far below every bound
+    assert implausibility(u.replace(num_model_requests=1000)) is None
+
+
+def test_each_bound_is_the_edge() -> None:
+    at_minute = Usage(MAX_TOKENS_PER_MINUTE, 0, MAX_REQUESTS_PER_MINUTE)
+    assert implausibility(at_minute) is None
+    assert "per minute" in str(implausibility(at_minute.replace(output_tokens=1)))
+    assert "model requests" in str(implausibility(Usage(1, 0, MAX_REQUESTS_PER_MINUTE + 1)))
+    one = Usage(MAX_TOKENS_PER_REQUEST, 0, 1)
+    assert implausibility(one) is None
+    assert "per model request" in str(
+        implausibility(one.replace(input_tokens=one.input_tokens + 1))
+    )
+    # tokens without requests are held by the per-minute bound only
+    assert implausibility(Usage(10**9, 0, 0)) is None
+    assert "64-bit" in str(implausibility(Usage(0, 0, 0, input_audio_tokens=INT64_MAX + 1)))
+
+
+def test_wider_buckets_scale_the_per_minute_bounds() -> None:
+    hour = Usage(MAX_TOKENS_PER_MINUTE * 60, 0, MAX_REQUESTS_PER_MINUTE * 60)
+    assert implausibility(hour, bucket_seconds=3600) is None
+    assert implausibility(hour, bucket_seconds=60) is not None
+
+
+def test_a_day_of_rows_at_the_bounds_still_fits_64_bits() -> None:
+    # why the bounds are what they are: 10,000 results a minute for a whole day at the
+    # per-minute bound sum to less than a signed 64-bit integer holds
+    assert MAX_TOKENS_PER_MINUTE * 10_000 * 1_440 < INT64_MAX
+
+
+def test_a_huge_count_is_described_without_float_overflow() -> None:
+    message = implausibility(Usage(10**400, 0, 1))
+    assert message is not None and "~1e400" in message
 
 
 # ------------------------------------------------------------------ Scope

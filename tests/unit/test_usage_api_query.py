@@ -182,11 +182,51 @@ def test_buckets_outside_the_interval_are_ignored() -> None:
 
 
 def test_unknown_result_fields_are_ignored_and_cursor_is_kept() -> None:
-    body = _page([_bucket(T0, [_result(api_source="agents_api", input_cache_write_30m_tokens=4)])])
+    body = _page([_bucket(T0, [_result(api_source="agents_api", input_future_tokens=4)])])
     body["has_more"], body["next_page"] = True, "page_AAAA"
     page = parse_page(body, Interval(T0, T0 + 60))
     assert page.has_more and page.next_page == "page_AAAA"
     assert page.rows[0].usage == Usage(10, 5, 1)
+
+
+def test_sdk_cache_write_fields_are_carried_into_usage() -> None:
+    result = _result(
+        input_cache_write_tokens=9, input_cache_write_30m_tokens=4, input_cache_write_12h_tokens=5
+    )
+    (row,) = parse_page(_page([_bucket(T0, [result])]), Interval(T0, T0 + 60)).rows
+    usage = row.usage
+    assert (usage.input_cache_write_30m_tokens, usage.input_cache_write_12h_tokens) == (4, 5)
+    assert usage.present()["input_cache_write_30m_tokens"] == 4
+    # absent in an older row: not carried, and a sum keeps the carried part
+    older = parse_page(_page([_bucket(T0, [_result()])]), Interval(T0, T0 + 60)).rows[0].usage
+    assert older.input_cache_write_12h_tokens is None
+    assert (usage + older).input_cache_write_12h_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"input_tokens": 10**15}, "plausible"),  # the torture harness's page
+        ({"input_tokens": 10**20}, "64-bit"),  # crashed the index at every start
+        ({"output_tokens": 2 * 10**11}, "plausible"),
+        ({"input_cached_tokens": 2**63}, "64-bit"),  # an optional counter too
+        ({"input_tokens": 5 * 10**8, "num_model_requests": 2}, "per model request"),
+        ({"num_model_requests": 10**9}, "model requests"),
+    ],
+)
+def test_implausible_counts_are_a_malformed_page(fields: dict[str, int], needle: str) -> None:
+    body = _page([_bucket(T0, [_result(**fields)])])
+    with pytest.raises(MalformedResponseError, match="implausible counts") as info:
+        parse_page(body, Interval(T0, T0 + 60))
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_large_but_real_counts_are_data() -> None:
+    # a minute of a busy Tier 5 key: 150M tokens over 30,000 requests, some at full context
+    busy = _result(input_tokens=140_000_000, output_tokens=10_000_000, num_model_requests=30_000)
+    full_context = _result(input_tokens=1_015_000, output_tokens=32_768, num_model_requests=1)
+    page = parse_page(_page([_bucket(T0, [busy, full_context])]), Interval(T0, T0 + 60))
+    assert [r.usage.input_tokens for r in page.rows] == [140_000_000, 1_015_000]
 
 
 def _mutate(path: str, value: Any) -> dict[str, Any]:
@@ -247,6 +287,22 @@ def test_non_object_bodies_are_rejected(body: Any) -> None:
 def test_decode_page_rejects_bodies_that_are_not_json(raw: bytes) -> None:
     with pytest.raises(MalformedResponseError, match="not JSON"):
         decode_page(raw, Interval(T0, T0 + 60))
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (b'{"nested": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"object": "page", "count": ' + b"9" * 5_000 + b"}", "integer too long"),
+        (json.dumps(_page([_bucket(T0, [_result(input_tokens=10**4000)])])).encode(), "64-bit"),
+    ],
+)
+def test_hostile_json_is_a_malformed_page_not_a_crash(raw: bytes, needle: str) -> None:
+    """A 100k-deep body raised RecursionError and a 5,000-digit integer ValueError, both
+    out of the client (issue 7, item 15); each is now that page's one-line failure."""
+    with pytest.raises(MalformedResponseError, match="malformed Usage API page") as info:
+        decode_page(raw, Interval(T0, T0 + 60))
+    assert needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_decode_page_round_trip() -> None:

@@ -11,7 +11,7 @@ Contract followed (see ../shared/reference/usage-api-notes.md, section 7):
   `results: []`;
 * a minute slot's usage is counted only when the slot *start* lies in the query range, so a
   query starting in the middle of a minute does not see that minute;
-* without `group_by` a non-empty bucket has one result whose six dimension fields are all
+* without `group_by` a non-empty bucket has one result whose dimension fields are all
   null; with `group_by` one result per combination of the grouped fields;
 * pages hold `limit` buckets; `next_page` is an opaque `page_<base64>` cursor.
 
@@ -21,6 +21,9 @@ cursor that does not decode or belongs to another query, and `end_time <= start_
 all answered with HTTP 400 `invalid_request_error`. The simulator has no user, batch or
 service-tier dimension: grouping by `user_id`, `batch` or `service_tier` yields null
 values, a `user_ids` filter or `batch=true` matches nothing, and `batch=false` matches all.
+Nor has it Agents API traffic: grouping by `api_source` (known to the official SDK, not to
+our spec extract) yields `"unlabeled"`, which the SDK documents for "all records without
+published source attribution"; ungrouped, `api_source` is null, as the SDK says.
 """
 
 from __future__ import annotations
@@ -48,15 +51,47 @@ BUCKET_WIDTHS: Final[Mapping[str, int]] = {"1m": 60, "1h": 3600, "1d": 86400}
 #: Bucket width name -> (default limit, max limit).
 LIMITS: Final[Mapping[str, tuple[int, int]]] = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 DEFAULT_BUCKET_WIDTH: Final = "1d"
-#: The six dimension fields of a completions result, in the order the spec lists them.
-RESULT_DIMENSIONS: Final = ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier")
+#: The dimension fields of a completions result: the spec's six in its order, then
+#: `api_source`, which the official SDK (openai 3.57.0) adds to result and `group_by`.
+RESULT_DIMENSIONS: Final = (
+    "project_id",
+    "user_id",
+    "api_key_id",
+    "model",
+    "batch",
+    "service_tier",
+    "api_source",
+)
+#: Every `group_by` value the official SDK sends for usage/completions.
 GROUP_BY_VALUES: Final = frozenset(RESULT_DIMENSIONS)
+#: What a grouped `api_source` says for traffic without source attribution (all of ours).
+UNLABELED_SOURCE: Final = "unlabeled"
 ARRAY_PARAMS: Final = frozenset({"project_ids", "user_ids", "api_key_ids", "models", "group_by"})
 SCALAR_PARAMS: Final = frozenset(
     {"start_time", "end_time", "bucket_width", "limit", "page", "batch"}
 )
-FAULT_KINDS: Final = ("429", "500", "502", "503", "hang", "bad_json", "401", "403")
-
+FAULT_KINDS: Final = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "hang",
+    "bad_json",
+    "401",
+    "403",
+    "huge_page",
+    "gzip_bomb",
+    "deep_json",
+    "huge_int",
+)
+#: Hostile-body faults -> (what their `size` counts, default, maximum). The maxima keep a
+#: typo from making the simulator itself stream for hours.
+SIZED_FAULTS: Final[Mapping[str, tuple[str, int, int]]] = {
+    "huge_page": ("decoded bytes of the page", 200 * 2**20, 16 * 2**30),
+    "gzip_bomb": ("decoded bytes of the page", 2**30, 16 * 2**30),
+    "deep_json": ("levels of nesting", 100_000, 10_000_000),
+    "huge_int": ("digits of the integer", 5_000, 10_000_000),
+}
 MISSING_SCOPE_MESSAGE: Final = (
     "You have insufficient permissions for this operation. Missing scopes: api.usage.read."
 )
@@ -268,17 +303,27 @@ def _sort_key(values: Sequence[object]) -> tuple[tuple[int, str], ...]:
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One injected failure, consumed by the next usage request (FIFO)."""
+    """One injected failure, consumed by the next usage request (FIFO).
+
+    `size` parameterises the hostile-body kinds (`SIZED_FAULTS`); 0 means their default.
+    """
 
     kind: str
     retry_after: int | None = None
     seconds: float = 0.0
+    size: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ScenarioError(
                 f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}"
             )
+        if self.size:
+            if self.kind not in SIZED_FAULTS:
+                raise ScenarioError(f"'size' only applies to {', '.join(SIZED_FAULTS)} faults")
+            what, _, most = SIZED_FAULTS[self.kind]
+            if not 1 <= self.size <= most:
+                raise ScenarioError(f"'size' ({what}) must be between 1 and {most}")
         if self.retry_after is not None:
             if self.kind not in ("429", "503"):
                 raise ScenarioError("'retry_after' only applies to 429 and 503 faults")
@@ -287,11 +332,16 @@ class Fault:
         if self.seconds < 0 or (self.kind == "hang" and self.seconds == 0):
             raise ScenarioError("a hang fault needs 'seconds' > 0")
 
+    @property
+    def effective_size(self) -> int:
+        """`size`, or the kind's default."""
+        return self.size or SIZED_FAULTS[self.kind][1]
+
     @staticmethod
     def from_json(obj: object) -> Fault:
-        if not isinstance(obj, Mapping) or set(obj) - {"kind", "retry_after", "seconds"}:
+        if not isinstance(obj, Mapping) or set(obj) - {"kind", "retry_after", "seconds", "size"}:
             raise ScenarioError(
-                f"a fault must be {{'kind', 'retry_after'?, 'seconds'?}}, got {obj!r}"
+                f"a fault must be {{'kind', 'retry_after'?, 'seconds'?, 'size'?}}, got {obj!r}"
             )
         kind = obj.get("kind")
         if isinstance(kind, int) and not isinstance(kind, bool):
@@ -304,7 +354,10 @@ class Fault:
         ):
             raise ScenarioError("'retry_after' must be an integer number of seconds")
         seconds = _number(obj, "seconds", 0.0)
-        return Fault(kind=kind, retry_after=retry_after, seconds=seconds)
+        size = obj.get("size", 0)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ScenarioError("'size' must be an integer")
+        return Fault(kind=kind, retry_after=retry_after, seconds=seconds, size=size)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -312,6 +365,8 @@ class Fault:
             out["retry_after"] = self.retry_after
         if self.seconds:
             out["seconds"] = self.seconds
+        if self.size:
+            out["size"] = self.size
         return out
 
 
@@ -664,6 +719,8 @@ def _dimension(row: UsageRow, name: str) -> str | None:
         return row.project_id
     if name == "model":
         return row.model
+    if name == "api_source":
+        return UNLABELED_SOURCE  # no simulated request comes from the Agents API
     return None  # user_id, batch, service_tier: not modelled by the simulator
 
 

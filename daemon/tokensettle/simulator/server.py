@@ -7,7 +7,8 @@ Control endpoints (no auth; answered only to loopback clients):
     POST /_sim/requests  {"requests": [{"time", "api_key_id", "project_id", "model",
                           "usage", "visible_after"?, "revisions"?}]}
     POST /_sim/faults    {"faults": [{"kind": "429", "retry_after"?: 1}, {"kind": "hang",
-                          "seconds": 3}, ...]}  (FIFO, one per usage request)
+                          "seconds": 3}, {"kind": "gzip_bomb", "size"?: bytes}, ...]}
+                          (FIFO, one per usage request; kinds in docs/simulator.md)
     POST /_sim/keys      {"admin_keys": [...], "unscoped_keys": [...]}
     POST /_sim/reset     forget requests, faults and the request log (keys stay)
     GET  /_sim/log       [{"query": raw query string, "status", "at", "fault"}]
@@ -23,8 +24,8 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from aiohttp import web
 from tokensettle.simulator.scenario import (
     MISSING_SCOPE_MESSAGE,
     SIMULATOR_ADMIN_KEY,
+    SIZED_FAULTS,
     ApiError,
     Fault,
     Scenario,
@@ -143,6 +145,65 @@ def _fault_response(fault: Fault) -> web.Response | None:
     return None
 
 
+_STREAM_CHUNK: Final = 1 << 20
+
+
+async def _stream_padded(
+    request: web.Request, page: bytes, size: int, *, gzip: bool
+) -> web.StreamResponse:
+    """The page with whitespace before its closing brace up to `size` decoded bytes (still
+    valid JSON), streamed in chunks so the simulator's own memory stays small; gzip'ed
+    lazily (level 9: about 1,000:1 on whitespace) for the bomb. No Content-Length: the
+    client cannot refuse it up front, only by counting what it reads."""
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    if gzip:
+        response.headers["Content-Encoding"] = "gzip"
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31) if gzip else None
+    head = page[:-1]
+    padding = max(0, size - len(page))
+    blank = b" " * _STREAM_CHUNK
+
+    def encode(data: bytes) -> bytes:
+        return compressor.compress(data) if compressor is not None else data
+
+    with contextlib.suppress(ConnectionError):  # the client stopped reading: fine
+        await response.prepare(request)
+        await response.write(encode(head))
+        while padding:
+            n = min(padding, _STREAM_CHUNK)
+            chunk = encode(blank[:n])
+            if chunk:
+                await response.write(chunk)
+            padding -= n
+            await asyncio.sleep(0)  # a bomb never fills the socket: let a hang-up arrive
+            if request.transport is None or request.transport.is_closing():
+                break
+        tail = encode(b"}") + (compressor.flush() if compressor is not None else b"")
+        await response.write(tail)
+        await response.write_eof()
+    return response
+
+
+def _prefixed(page: bytes, name: str, value: bytes) -> web.Response:
+    """The page with `"name": value` as its first member: valid JSON, hostile value."""
+    body = b'{"' + name.encode() + b'": ' + value + b", " + page[1:]
+    return web.Response(status=200, body=body, content_type="application/json")
+
+
+async def _hostile(request: web.Request, fault: Fault, answer: web.Response) -> web.StreamResponse:
+    """The hostile-body faults: the normal 200 answer, made huge, a bomb, deep or with a
+    huge integer. An error answer (a bad query) is served as it is."""
+    page = answer.body if isinstance(answer.body, bytes) else b""
+    if answer.status != 200 or not page.startswith(b"{"):
+        return answer
+    size = fault.effective_size
+    if fault.kind in ("huge_page", "gzip_bomb"):
+        return await _stream_padded(request, page, size, gzip=fault.kind == "gzip_bomb")
+    if fault.kind == "deep_json":
+        return _prefixed(page, "nested", b"[" * size + b"]" * size)
+    return _prefixed(page, "count", b"9" * size)  # huge_int
+
+
 def _answer(state: _State, request: web.Request) -> web.Response:
     denied = state.scenario.check_auth(request.headers.get("Authorization"))
     if denied is not None:
@@ -164,7 +225,7 @@ def _auth_scheme(authorization: str | None) -> str | None:
     return scheme if sep and scheme.isalpha() and len(scheme) <= 16 else "invalid"
 
 
-async def _usage(request: web.Request) -> web.Response:
+async def _usage(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     entry = LogEntry(
         query=request.rel_url.raw_query_string,
@@ -182,6 +243,10 @@ async def _usage(request: web.Request) -> web.Response:
             response = _error(
                 ApiError(503, "The simulator is shutting down.", type_="server_error")
             )
+    if response is None and fault is not None and fault.kind in SIZED_FAULTS:
+        answer = _answer(state, request)
+        entry.status = answer.status  # logged before streaming: the client may hang up
+        return await _hostile(request, fault, answer)
     if response is None:
         response = _answer(state, request)
         if fault is not None and fault.kind == "bad_json":
@@ -213,9 +278,10 @@ async def _loopback_only(
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, too deep, huge ints
         raise web.HTTPBadRequest(
-            text=json.dumps({"error": f"body is not JSON: {exc}"}), content_type="application/json"
+            text=json.dumps({"error": f"body is not usable JSON: {type(exc).__name__}"}),
+            content_type="application/json",
         ) from None
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(
@@ -477,18 +543,11 @@ async def serve_forever(
 
 
 def run_simulator_cli(host: str, port: int, scenario_file: Path | None) -> int:
-    """`tokensettle simulate`: serve until SIGINT/SIGTERM. Exit 0, or 2 for a bad scenario
-    file or an address that cannot be bound."""
-    try:
-        scenario = load_scenario_file(scenario_file) if scenario_file else Scenario()
-    except ScenarioError as exc:
-        sys.stderr.write(f"tokensettle simulate: {exc}\n")
-        return 2
-    try:
-        asyncio.run(serve_forever(host, port, scenario))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        sys.stderr.write(f"tokensettle simulate: cannot listen on {host}:{port}: {exc}\n")
-        return 2
-    return 0
+    """`tokensettle simulate --host --port --scenario` as the top-level CLI calls it today;
+    the same as `tokensettle.simulator.cli.main` (which owns the options)."""
+    from tokensettle.simulator import cli  # noqa: PLC0415 - cli imports this module
+
+    argv = ["--host", host, "--port", str(port)]
+    if scenario_file is not None:
+        argv += ["--scenario", str(scenario_file)]
+    return cli.main(cli.build_parser().parse_args(argv))
