@@ -38,7 +38,7 @@ from tokensettle.config import ConfigError, Settings, load_settings
 from tokensettle.health import Faults, status
 from tokensettle.index import Index
 from tokensettle.logs import configure
-from tokensettle.metrics import Metrics
+from tokensettle.metrics import CONTENT_TYPE, Metrics
 from tokensettle.poller import Poller
 from tokensettle.reconcile import Reconciler, utcnow
 from tokensettle.registry import Registry
@@ -150,6 +150,8 @@ class Daemon:
         kinds = self.faults.kinds()
         for kind in {*kinds, "write", "fetch", "index", "auth", "watcher", "http"}:
             self.metrics.faults.labels(kind).set(kinds.get(kind, 0))
+        self.metrics.runs_write_failing.set(kinds.get("write", 0))
+        self.metrics.index_available.set(0 if "index" in kinds else 1)
         auth_error = poller.auth_error if poller else None
         last = poller.last_api_success if poller else None
         return {
@@ -180,9 +182,7 @@ class Daemon:
         async def metrics(_: web.Request) -> web.Response:
             self._update_gauges()
             self.health()
-            return web.Response(
-                body=self.metrics.render(), content_type="text/plain", charset="utf-8"
-            )
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
         async def runs(request: web.Request) -> web.Response:
             assert self.registry is not None
@@ -362,7 +362,8 @@ class Daemon:
                 )
                 if self.settings.http_addr:
                     self.server = StatusServer(self.settings.http_addr, self._routes())
-                    self.server.on_refused = self.metrics.http_refused.inc
+                    refused = self.metrics.http_rejected.labels("connection_limit")
+                    self.server.on_refused = refused.inc
                     await self.server.start()
                 # Watch first, then scan: a file written in between is seen by both, never
                 # by neither. (watchdog adds one inotify watch per directory in start().)

@@ -59,20 +59,10 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("tokensettle_queue_depth", "Runs waiting for a poll", registry=r)
-        self.write_failures = Counter(
-            "tokensettle_write_failures",
-            "Writes of a run file that failed (the file is unchanged; retried with backoff)",
-            registry=r,
-        )
         self.faults = Gauge(
             "tokensettle_faults",
             "Faults active now, by kind (write, fetch, index, auth, watcher, ...)",
             ["kind"],
-            registry=r,
-        )
-        self.http_refused = Counter(
-            "tokensettle_http_refused",
-            "Status-server connections refused at the connection limit",
             registry=r,
         )
         self.poll_rounds = Counter(
@@ -102,7 +92,7 @@ class Metrics:
         # Faults: each is counted while it happens and shown while it lasts.
         self.write_failures = Counter(
             "tokensettle_write_failures",
-            "Run file writes that failed (nothing of the file changed)",
+            "Run file writes that failed (nothing of the file changed; retried with backoff)",
             registry=r,
         )
         self.runs_write_failing = Gauge(

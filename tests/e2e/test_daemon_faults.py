@@ -226,5 +226,5 @@ async def test_a_flood_of_idle_connections_does_not_stop_settling(world: World) 
         return False
 
     await wait_for(answers, WAIT, what="/healthz answering again")
-    assert await metric(world, daemon, "tokensettle_http_refused_total") > 0
+    assert await metric(world, daemon, "tokensettle_http_rejected_connections_total") > 0
     assert await daemon.terminate() == 0
