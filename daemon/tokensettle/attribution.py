@@ -4,7 +4,8 @@ Owners are runs within a scope (rows come from the Usage API) and steps within a
 are the run's own per-minute share). For each row (one minute, one key/project/model):
 
 * the candidates are the owners whose scope matches the row and whose window holds the
-  minute; those actively running in it take precedence over those there only by grace;
+  minute; owners that name the row's key explicitly take precedence over broader scopes,
+  and those actively running in it over those there only by grace;
 * one candidate: the row is that owner's **exactly**;
 * several: each counter is split by active seconds (largest remainder, so integers stay
   exact) and counted as **apportioned**;
@@ -129,6 +130,12 @@ def _candidates(
     row: UsageRow, by_minute: Mapping[int, Sequence[tuple[Owner, float]]]
 ) -> list[tuple[Owner, int]]:
     present = [(o, w) for o, w in by_minute.get(row.minute, ()) if o.scope.matches(row)]
+    # A key that some owners name explicitly is theirs alone: a broader scope (a project,
+    # the organisation) does not share it. So a run with its own key (a lease) keeps its
+    # usage exactly, whoever else was active in the same minutes.
+    named = [(o, w) for o, w in present if row.api_key_id in o.scope.api_key_ids]
+    if named:
+        present = named
     active = [(o, w) for o, w in present if w > 0]
     if active:
         return [(o, max(1, round(w * _WEIGHT_SCALE))) for o, w in active]

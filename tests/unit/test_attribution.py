@@ -147,6 +147,8 @@ def _candidates(row: UsageRow, owners: list[Owner]) -> tuple[list[Owner], bool]:
     present = [
         o for o in owners if o.scope.matches(row) and o.activity.window.contains_minute(row.minute)
     ]
+    named = [o for o in present if row.api_key_id in o.scope.api_key_ids]
+    present = named or present  # a key named explicitly is not shared with broad scopes
     active = [o for o in present if o.activity.weight(row.minute) > 0]
     return (active, True) if active else (present, False)
 
@@ -345,3 +347,22 @@ def test_a_minute_split_among_thousands_of_steps_costs_linear_memory() -> None:
     assert result.share("7").co_owners() == {str(i) for i in range(n)} - {"7"}
     # k^2 references would be 16M pointers (> 128 MB); linear is a few MB.
     assert peak < 40 * 1024 * 1024, peak
+
+
+def test_a_key_named_by_one_owner_is_that_owners_exactly_even_beside_broad_scopes() -> None:
+    # A leased run declares its own key; an unscoped framework (the organisation) and a
+    # project-scoped one are active in the same minute: the leased key's rows are the
+    # leased run's alone, the other rows are shared among the broad scopes as before.
+    leased = Owner("leased", Activity(T0, T0 + 60, 60), Scope(frozenset({"key_L"})))
+    org = Owner("org", Activity(T0, T0 + 60, 60), Scope())
+    proj = Owner("proj", Activity(T0, T0 + 60, 60), Scope(project_ids=frozenset({"proj_1"})))
+    rows = [
+        UsageRow(T0, Usage(1000, 100, 2), api_key_id="key_L", project_id="proj_1"),
+        UsageRow(T0, Usage(300, 30, 1), api_key_id="key_X", project_id="proj_1"),
+    ]
+    result = attribute(rows, [leased, org, proj])
+    got = result.share("leased")
+    assert got.exact == Usage(1000, 100, 2) and got.apportioned == Usage()
+    assert got.co_owners() == set()
+    assert result.share("org").usage + result.share("proj").usage == Usage(300, 30, 1)
+    assert result.share("org").apportioned.input_tokens > 0
