@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 
 from tokensettle import __version__
-from tokensettle.atomic import read_snapshot
 from tokensettle.config import ConfigError, Settings, load_settings
 from tokensettle.daemon import run_daemon
 from tokensettle.demo import run_demo
@@ -31,10 +30,11 @@ from tokensettle.durations import parse_cli_duration
 from tokensettle.logs import configure
 from tokensettle.reconcile import Reconciler, Selection
 from tokensettle.render import list_human, outcome_json, report_human, report_json, table
-from tokensettle.report import RunSummary, summary_from_document
+from tokensettle.report import FORMATS as REPORT_FORMATS
+from tokensettle.report import figure_files
 from tokensettle.report import render as render_report
+from tokensettle.report_files import read_summaries
 from tokensettle.reprice import reprice_runs
-from tokensettle.runfile import RunFileError, load_document
 from tokensettle.simulator.server import run_simulator_cli
 from tokensettle.usage_api import RetryPolicy, UsageClient
 
@@ -92,8 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_rep = sub.add_parser("report", parents=[common], help="tokens, cost and checks per run")
     p_rep.add_argument("framework", nargs="?")
-    p_rep.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    p_rep.add_argument("--format", choices=REPORT_FORMATS, default="table")
     p_rep.add_argument("--out", type=Path, help="write to this file instead of stdout")
+    p_rep.add_argument(
+        "--include-ambiguous",
+        action="store_true",
+        help="count ambiguous runs (partly apportioned tokens) in the statistics",
+    )
+    p_rep.add_argument("--figures", type=Path, metavar="DIR", help="write each chart as DIR/*.svg")
 
     p_price = sub.add_parser("reprice", parents=[common], help="price settled runs again")
     p_price.add_argument("framework", nargs="?")
@@ -189,21 +195,31 @@ def _found(settings: Settings, framework: str | None) -> list[Found]:
 def _report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure(level=settings.log_level, fmt=settings.log_format)
-    summaries: list[RunSummary] = []
-    for item in _found(settings, args.framework):
-        if item.skip_reason is not None:
-            continue
-        try:
-            doc = load_document(read_snapshot(item.path).raw)
-        except (RunFileError, OSError) as exc:
-            sys.stderr.write(f"tokensettle: skipped {item.path}: {exc}\n")
-            continue
-        summaries.append(summary_from_document(doc, item.framework, run_id=item.path.parent.name))
-    text = render_report(summaries, args.format, generated_at=datetime.now(UTC))
-    if args.out is not None:
-        args.out.write_text(text if text.endswith("\n") else text + "\n")
-        sys.stderr.write(f"wrote {args.out} ({len(summaries)} runs)\n")
-    else:
+    now = datetime.now(UTC)
+    summaries = read_summaries(
+        _found(settings, args.framework),
+        grace=int(settings.window_grace.total_seconds()),
+        now=now,
+        max_age=settings.max_age,
+    )
+    text = render_report(
+        summaries, args.format, generated_at=now, include_ambiguous=args.include_ambiguous
+    )
+    try:
+        if args.figures is not None:
+            args.figures.mkdir(parents=True, exist_ok=True)
+            files = figure_files(summaries, include_ambiguous=args.include_ambiguous)
+            for name, svg in files.items():
+                (args.figures / name).write_text(svg + "\n", encoding="utf-8")
+            sys.stderr.write(f"wrote {len(files)} figures to {args.figures}\n")
+        if args.out is not None:
+            args.out.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+            sys.stderr.write(f"wrote {args.out} ({len(summaries)} runs)\n")
+    except OSError as exc:
+        where = exc.filename or args.out or args.figures
+        sys.stderr.write(f"tokensettle: cannot write {where}: {exc.strerror or exc}\n")
+        return EXIT_USAGE
+    if args.out is None:
         _emit(text.rstrip("\n"))
     return EXIT_OK
 

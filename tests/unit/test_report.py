@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tokensettle.aggregates import METRICS
 from tokensettle.breakdown import build_breakdown
 from tokensettle.compare import compare, local_counts
 from tokensettle.pricing import price_models
@@ -32,10 +33,12 @@ from tokensettle.report import (
     render_json,
     render_table,
     summary_from_document,
+    summary_of_file,
 )
 from tokensettle.usage import Usage
 
 END = datetime(2025, 10, 19, 10, 41, 18, tzinfo=UTC)
+CHARTS = tuple(f"chart-{m}" for m in (*(m.key for m in METRICS), "time_to_verify"))
 BAES_FILE = "runs__baes__6f0b2490-1548-4b4f-a943-a688ec972355__metrics@427bd02.json"
 PENDING_FILE = "runs__ghspec__a1b3972f-f772-4a7c-956e-1828a8db7a7d__metrics@342cda3.json"
 
@@ -229,21 +232,26 @@ def test_summary_never_raises_on_odd_documents(doc: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ renderings
 
 
-def test_table_shows_frameworks_and_runs() -> None:
+def test_table_shows_framework_means_statistics_and_runs() -> None:
     text = render_table(RUNS)
-    assert text.startswith("Frameworks\n")
+    assert text.startswith("Frameworks (mean ± sd over the n counted runs)\n")
+    assert "\nStatistics\n" in text
     assert "\nRuns\n" in text
     baes_line = next(
         line for line in text.splitlines() if line.startswith("baes ") and "verified," in line
     )
-    assert "4,000" in baes_line
-    assert "5.0%" in baes_line
-    assert "0.003000" in baes_line
+    # means over the 2 verified runs, not the sums a framework with more runs would win
+    assert "2,000 ± 1,414" in baes_line
+    assert "4,000" not in baes_line
+    assert "0.001500 ± 0.000707" in baes_line
     assert "15m00s" in baes_line
-    assert "0.900000*" in text  # the partial cost is marked
-    assert "* cost incomplete" in text
     pending = next(line for line in text.splitlines() if " b3 " in line)
     assert pending.split()[3] == "-"
+    assert "unpriced (model not recorded)" in text  # c2's partial cost is not a cost
+    assert "0.900000" not in text
+    assert "baes / b3: unsettled (pending)" in text
+    assert "chatdev / c2: ambiguous" in text
+    assert "statuses counted: verified" in text
     assert render_table([]) == "no runs"
 
 
@@ -276,7 +284,7 @@ def test_html_is_self_contained_and_escaped() -> None:
     evil = run('<script>alert("x")</script>', 'id"><img src=x onerror=alert(1)>', verdict="<b>")
     page = render_html([*RUNS, evil], generated_at=END)
     assert page.startswith("<!DOCTYPE html>")
-    for chart in ("chart-tokens", "chart-cost", "chart-spread", "chart-verify"):
+    for chart in CHARTS:
         assert f'<svg id="{chart}"' in page
     assert "<script" not in page.lower()
     assert "<img" not in page.lower()
@@ -311,7 +319,7 @@ def _tags(page: str) -> list[tuple[str, set[str]]]:
 
 def test_html_of_nothing_still_renders() -> None:
     page = render_html([])
-    assert page.count("no data") == 4
+    assert page.count("no data") == len(CHARTS)
     assert "0 runs in 0 frameworks" in page
 
 
@@ -360,8 +368,8 @@ def test_nice_ticks_cover_the_data_in_few_round_steps(top: float) -> None:
 def test_html_never_leaks_markup_from_data(runs: list[RunSummary]) -> None:
     page = render_html(runs)
     assert "<g&h>" not in page
-    assert page.count("<svg ") == 4
-    assert page.count("</svg>") == 4
+    assert page.count("<svg ") == len(CHARTS)
+    assert page.count("</svg>") == len(CHARTS)
     for r in runs:
         if r.run_id.startswith("<b"):  # a tag-shaped id must appear escaped only
             assert r.run_id not in page
@@ -370,18 +378,298 @@ def test_html_never_leaks_markup_from_data(runs: list[RunSummary]) -> None:
 
 _ALLOWED_TAGS = {
     "html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "div", "table",
-    "thead", "tbody", "tr", "th", "td", "figure", "figcaption", "svg", "line", "text",
-    "rect", "circle",
+    "thead", "tbody", "tr", "th", "td", "figure", "svg", "line", "text", "desc",
+    "rect", "circle", "dl", "dt", "dd", "ul", "li", "span",
 }  # fmt: skip
 
 
-def test_cost_chart_leaves_out_frameworks_without_any_priced_run() -> None:
+def test_cost_chart_draws_no_point_for_a_framework_without_any_priced_run() -> None:
     runs = [
         RunSummary("alpha", "a", "verified", 100, 10, cost_usd=Decimal("0.5")),
         RunSummary("omega", "b", "verified", 100, 10),
     ]
     page = render_html(runs)
-    cost_chart = page[page.index('id="chart-cost"') :]
+    cost_chart = page[page.index('id="chart-cost_usd"') :]
     cost_chart = cost_chart[: cost_chart.index("</svg>")]
     assert "alpha" in cost_chart
-    assert "omega" not in cost_chart  # an unknown cost is never drawn as $0
+    assert cost_chart.count("<circle") == 2 + 1  # the legend's two, alpha's run
+    assert "n=0" in cost_chart  # omega's lane is empty: an unknown cost is never drawn as $0
+
+
+# ------------------------------------------------------------------ statistics in the report
+
+
+def test_json_stats_match_a_hand_computation() -> None:
+    doc = json.loads(render_json(RUNS, generated_at=END))
+    baes = doc["frameworks"][0]
+    # today's fields stay
+    assert (baes["tokens_in"], baes["runs"], baes["cost_usd"]) == (4_000, 3, 0.003)
+    # verified runs b1 (1000 in, 100 out, 200 cached, 0.001 USD) and b2 (3000, 300, 0, 0.002)
+    stats = baes["stats"]
+    assert set(stats) == {
+        "tokens_in",
+        "tokens_out",
+        "total_tokens",
+        "cached_tokens",
+        "cached_share",
+        "api_calls",
+        "cost_usd",
+    }
+    sd = 1000 * 2**0.5
+    t1 = 12.706205
+    assert stats["tokens_in"] == {
+        "n": 2,
+        "mean": 2000,
+        "median": 2000,
+        "sd": pytest.approx(sd),
+        "ci95": [pytest.approx(2000 - t1 * 1000), pytest.approx(2000 + t1 * 1000)],
+        "min": 1000,
+        "max": 3000,
+    }
+    assert stats["total_tokens"]["mean"] == 2200  # (1100 + 3300) / 2
+    assert stats["cached_share"]["mean"] == pytest.approx(0.1)  # (0.2 + 0.0) / 2, per run
+    assert stats["api_calls"]["sd"] == 0
+    assert stats["api_calls"]["ci95"] == [3, 3]
+    assert stats["cost_usd"]["mean"] == pytest.approx(0.0015)
+    assert stats["cost_usd"]["sd"] == pytest.approx(0.001 / 2**0.5)
+    assert baes["counted"]["statuses"] == ["verified"]
+    assert baes["counted"]["runs"] == ["b1", "b2"]
+    assert baes["counted"]["left_out"] == [
+        {
+            "run_id": "b3",
+            "status": "pending",
+            "reason": "unsettled",
+            "detail": "unsettled (pending)",
+        }
+    ]
+    chatdev = doc["frameworks"][1]
+    assert chatdev["stats"]["tokens_in"]["n"] == 1  # c2 is ambiguous: left out by default
+    assert chatdev["stats"]["tokens_in"]["sd"] is None
+    assert chatdev["stats"]["tokens_in"]["ci95"] is None
+    assert [x["reason"] for x in chatdev["counted"]["left_out"]] == ["ambiguous"]
+    assert doc["provenance"]["statuses_counted"] == ["verified"]
+    assert doc["provenance"]["left_out"] == {"ambiguous": 1, "unsettled": 1}
+
+
+def test_include_ambiguous_counts_ambiguous_runs_and_says_they_are_estimates() -> None:
+    doc = json.loads(render_json(RUNS, include_ambiguous=True))
+    chatdev = doc["frameworks"][1]
+    assert chatdev["counted"]["statuses"] == ["verified", "ambiguous"]
+    assert chatdev["counted"]["runs"] == ["c1", "c2"]
+    assert chatdev["stats"]["tokens_in"]["n"] == 2
+    assert chatdev["stats"]["tokens_in"]["mean"] == (200_000 + 1_000) / 2
+    # c2's cost is incomplete: the cost statistics leave it out, with the reason
+    assert chatdev["stats"]["cost_usd"]["n"] == 1
+    assert chatdev["counted"]["missing"]["cost_usd"][0]["reason"] == "unpriced"
+    assert chatdev["estimated"]["counted_runs_estimated"] == 1
+    table = render_table(RUNS, include_ambiguous=True)
+    line = next(x for x in table.splitlines() if x.startswith("chatdev ") and "ambiguous," in x)
+    assert "~100,500 ± " in line  # the mean includes an estimate
+    assert "(n=1)" in line  # the cost is over one of the two runs
+
+
+def test_cost_statistics_use_only_complete_costs() -> None:
+    runs = [
+        run(run_id="a", cost="0.002"),
+        run(run_id="b", cost="0.004"),
+        run(run_id="c", cost="0.5", complete=False),
+        run(run_id="d", cost=None),
+    ]
+    (agg,) = aggregate(runs)
+    cost = agg.stats["cost_usd"]
+    assert (cost.n, cost.mean) == (2, pytest.approx(0.003))
+    assert agg.stats["tokens_in"].n == 4
+    assert [(x.run_id, x.reason) for x in agg.missing["cost_usd"]] == [
+        ("c", "unpriced"),
+        ("d", "no cost"),
+    ]
+
+
+# ------------------------------------------------------------------ unpriced is not zero
+
+
+def _unpriced_run(framework: str = "baes", run_id: str = "u1") -> RunSummary:
+    cost = price_models({"acme-1": Usage(1_000, 100, 2)}, END).to_json()
+    doc = {
+        "run_id": run_id,
+        "usage_api_reconciliation": {
+            "verification_status": "verified",
+            "total_tokens_in": 1_000,
+            "total_tokens_out": 100,
+            "total_api_calls": 2,
+            "cost": cost,
+        },
+    }
+    return summary_from_document(json.loads(json.dumps(doc)), framework)
+
+
+def test_an_unpriced_run_says_unpriced_with_its_model_and_never_zero() -> None:
+    runs = [_unpriced_run(), run("baes", "p1", cost="0.25")]
+    for fmt in ("table", "csv", "json", "html"):
+        text = render(runs, fmt)  # type: ignore[arg-type]
+        assert "0.000000" not in text, fmt
+    table = render(runs, "table")
+    u1 = next(line for line in table.splitlines() if " u1 " in line)
+    assert "unpriced (acme-1)" in u1
+    assert "unpriced (acme-1)" in render(runs, "html")
+    doc = json.loads(render(runs, "json"))
+    (u1_json,) = [r for r in doc["runs"] if r["run_id"] == "u1"]
+    assert u1_json["cost_usd"] is None
+    assert u1_json["cost_status"] == "unpriced"
+    assert u1_json["unpriced_models"] == ["acme-1"]
+    rows = {r["run_id"]: r for r in csv.DictReader(io.StringIO(render(runs, "csv")))}
+    assert rows["u1"]["cost_usd"] == ""
+    assert rows["u1"]["cost_status"] == "unpriced"
+    assert rows["u1"]["unpriced_models"] == "acme-1"
+    assert rows["p1"]["cost_usd"] == "0.25"
+
+
+def test_a_framework_with_no_priced_run_reads_unpriced() -> None:
+    (agg,) = aggregate([_unpriced_run("x", "u1"), _unpriced_run("x", "u2")])
+    assert agg.stats["cost_usd"].n == 0
+    text = render_table([_unpriced_run("x", "u1")])
+    line = next(x for x in text.splitlines() if x.startswith("x "))
+    assert "unpriced (acme-1)" in line
+    assert "0.000000" not in text
+
+
+# ------------------------------------------------------------------ statuses as `list` shows them
+
+
+def _file(doc: dict[str, Any] | str, tmp_path: Path) -> tuple[bytes, Path]:
+    raw = doc.encode() if isinstance(doc, str) else json.dumps(doc, indent=2).encode()
+    return raw, tmp_path / "baes" / "r1" / "metrics.json"
+
+
+def _window(**block: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "run_id": "r1",
+        "start_timestamp": (END - timedelta(minutes=20)).isoformat(),
+        "end_timestamp": END.isoformat(),
+    }
+    if block:
+        doc["usage_api_reconciliation"] = block
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "status"),
+    [
+        ("{not json", "error"),
+        ({"run_id": "r1"}, "error"),  # JSON, but no window: `list` says error, not pending
+        (_window(), "pending"),
+        (_window(verification_status="bogus"), "pending"),  # `list` reads unknown as pending
+        (_window(verification_status="warning"), "warning"),
+        (_window(verification_status="verified"), "verified"),
+    ],
+)
+def test_summary_of_file_has_the_status_list_shows(
+    doc: dict[str, Any] | str, status: str, tmp_path: Path
+) -> None:
+    raw, path = _file(doc, tmp_path)
+    summary = summary_of_file(raw, path, "baes", grace=60, now=END, max_age=timedelta(hours=24))
+    assert summary.status == status
+    assert summary.run_id == "r1"
+    if status == "error":
+        assert summary.message
+
+
+def test_an_unsettled_run_past_max_age_is_too_old_and_a_settled_one_stays(
+    tmp_path: Path,
+) -> None:
+    later = END + timedelta(hours=25)
+    for block, status in (({}, "too_old"), ({"verification_status": "verified"}, "verified")):
+        raw, path = _file(_window(**block), tmp_path)
+        got = summary_of_file(raw, path, "baes", grace=60, now=later, max_age=timedelta(hours=24))
+        assert got.status == status
+
+
+def test_apportioned_tokens_of_a_verified_run_are_marked_estimated(tmp_path: Path) -> None:
+    block = {
+        "verification_status": "verified",
+        "total_tokens_in": 1_000,
+        "total_tokens_out": 100,
+        "attribution": {"apportioned": {"input_tokens": 8, "output_tokens": 1}},
+    }
+    raw, path = _file(_window(**block), tmp_path)
+    summary = summary_of_file(raw, path, "baes", grace=60)
+    assert summary.apportioned_tokens == 9
+    assert summary.estimated
+    # the query window: whole minutes, plus the grace minute
+    assert summary.window == (
+        datetime(2025, 10, 19, 10, 21, tzinfo=UTC),
+        datetime(2025, 10, 19, 10, 43, tzinfo=UTC),
+    )
+    text = render_table([summary])
+    assert "~1,000" in text
+    assert "~ estimated" in text
+    page = render_html([summary])
+    assert '<span class="est" title="estimated">≈</span>1,000' in page
+
+
+# ------------------------------------------------------------------ provenance
+
+
+def test_provenance_names_the_source_prices_and_windows() -> None:
+    snapshot = "gpt-4o-mini-2024-07-18"
+    usage = Usage(20_150, 5_335, 12)
+    start = END - timedelta(hours=2)
+    doc = {
+        "run_id": "p",
+        "usage_api_reconciliation": {
+            "verification_status": "verified",
+            "total_tokens_in": 20_150,
+            "total_tokens_out": 5_335,
+            "cost": price_models({snapshot: usage}, start).to_json(),
+            "provenance": {
+                "tool": "tokensettle",
+                "version": "0.1.0",
+                "endpoint": "https://api.openai.com/v1/organization/usage/completions",
+            },
+            "attempts": [
+                {
+                    "timestamp": END.isoformat(),
+                    "total_tokens_in": 20_150,
+                    "query_window": {"start": start.timestamp(), "end": END.timestamp()},
+                }
+            ],
+        },
+    }
+    summary = summary_from_document(doc, "baes")
+    prov = json.loads(render_json([summary], generated_at=END))["provenance"]
+    assert prov["data_sources"] == [
+        "OpenAI Usage API (api.openai.com/v1/organization/usage/completions)"
+    ]
+    assert prov["settled_by"] == ["tokensettle 0.1.0"]
+    assert prov["price_sources"][0].startswith("genai-prices ")
+    assert prov["prices_as_of"] == ["2025-10-19", "2025-10-19"]
+    assert prov["query_windows"] == [start.isoformat(), END.isoformat()]
+    assert prov["tool"].startswith("tokensettle ")
+    page = render_html([summary], generated_at=END)
+    assert "api.openai.com/v1/organization/usage/completions" in page
+    assert "https:" not in page  # shown without a scheme: the page holds no URL
+
+
+def test_hostile_text_from_files_is_escaped_everywhere_in_the_page() -> None:
+    evil = "<img src=x onerror=alert(1)>"
+    runs = [
+        RunSummary("baes", evil, "error", message=evil),
+        RunSummary(
+            evil,
+            "r2",
+            "verified",
+            1,
+            1,
+            cost_usd=Decimal(0),
+            cost_complete=False,
+            unpriced_models=(evil,),
+            endpoint=f"http://{evil}/v1",
+            price_source=evil,
+        ),
+    ]
+    page = render_html(runs, include_ambiguous=True)
+    assert evil not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert {name for name, _ in _tags(page)} <= _ALLOWED_TAGS
+    attributes = {attr for _, attrs in _tags(page) for attr in attrs}
+    assert not any(a.startswith("on") for a in attributes)
