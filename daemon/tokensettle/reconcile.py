@@ -45,17 +45,13 @@ from tokensettle.stability import (
     Verdict,
     next_due,
 )
+from tokensettle.states import NOT_DUE, SKIPPED, TOO_OLD, shown_state
 from tokensettle.usage import Scope, Usage, UsageRow
 from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
 from tokensettle.windows import Activity, Interval, merge_windows
 from tokensettle.writeback import RunWriter, Written
 
 log = structlog.get_logger("tokensettle.reconcile")
-
-# States a run can be in for one invocation, beyond the statuses of stability.Status.
-NOT_DUE = "not_due"
-TOO_OLD = "too_old"
-SKIPPED = "skipped"
 
 
 def utcnow() -> datetime:
@@ -261,16 +257,17 @@ def describe(
             state = SKIPPED if entry.found.skip_reason else Status.ERROR.value
             out.append(_outcome(entry, state, entry.error or ""))
             continue
-        status = record.status or Status.PENDING
-        if status in TERMINAL:
+        state = shown_state(record, now, policy.max_age)
+        if record.status in TERMINAL:
             if settled:
-                out.append(_outcome(entry, status.value, record.message or ""))
+                out.append(_outcome(entry, state, record.message or ""))
             continue
-        if now >= record.end + policy.max_age:
+        if state == TOO_OLD:
             out.append(
                 _outcome(entry, TOO_OLD, f"ended more than {format_duration(policy.max_age)} ago")
             )
             continue
+        status = record.status or Status.PENDING
         due = next_due(record.attempts, record.status, record.end, policy)
         message = record.message or ("waiting for min age" if not record.attempts else "")
         out.append(_outcome(entry, status.value, message, next_due=due))

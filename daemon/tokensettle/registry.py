@@ -22,10 +22,11 @@ import structlog
 from tokensettle.discovery import RUN_FILE, SYMLINK_REASON, Found, found_of, run_entries
 from tokensettle.discovery import framework_of as _framework_of
 from tokensettle.index import FileKey, Finished, Index
-from tokensettle.reconcile import TOO_OLD, Loaded, RunRef, load_runs, window_problem
+from tokensettle.reconcile import Loaded, RunRef, load_runs, window_problem
 from tokensettle.runfile import RunRecord, iso
 from tokensettle.scheduler import PollGrid
 from tokensettle.stability import TERMINAL, Policy, Status, next_due
+from tokensettle.states import TOO_OLD
 from tokensettle.usage import Scope
 from tokensettle.windows import Activity
 

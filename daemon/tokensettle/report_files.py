@@ -1,7 +1,8 @@
 """Run files -> `RunSummary` for the reports: the only I/O behind `tokensettle report`.
 
-Reads each file found as `list` does (the same safety checks, the same reasons), so a file
-`list` shows as `error` or `skipped` is shown so in the report too, never as `pending`.
+Files are read by `reconcile.load_runs`, the reader `list` and `reconcile` use (the same
+safety checks, the same reasons), so a file `list` shows as `error` or `skipped` is shown
+so in the report too, never as `pending`.
 """
 
 from __future__ import annotations
@@ -9,26 +10,26 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from tokensettle.atomic import UnsafeFileError, check_inside, read_snapshot
 from tokensettle.discovery import Found
-from tokensettle.summary import RunSummary, summary_of_file, unreadable
-
-
-def read_summary(item: Found, *, grace: int, now: datetime, max_age: timedelta) -> RunSummary:
-    run_dir = item.path.parent.name
-    if item.skip_reason is not None:
-        return unreadable(item.framework, run_dir, item.skip_reason, skipped=True)
-    try:
-        check_inside(item.path, item.root)
-        raw = read_snapshot(item.path).raw
-    except UnsafeFileError as exc:
-        return unreadable(item.framework, run_dir, exc.strerror or str(exc))
-    except OSError as exc:
-        return unreadable(item.framework, run_dir, f"cannot read: {exc.strerror or exc}")
-    return summary_of_file(raw, item.path, item.framework, grace=grace, now=now, max_age=max_age)
+from tokensettle.reconcile import load_runs
+from tokensettle.summary import RunSummary, summary_of_record, unreadable
 
 
 def read_summaries(
     found: Iterable[Found], *, grace: int, now: datetime, max_age: timedelta
 ) -> list[RunSummary]:
-    return [read_summary(f, grace=grace, now=now, max_age=max_age) for f in found]
+    out: list[RunSummary] = []
+    for loaded in load_runs(found, grace):
+        item = loaded.found
+        if loaded.record is None or loaded.snapshot is None:
+            out.append(
+                unreadable(
+                    item.framework,
+                    item.path.parent.name,
+                    loaded.error or "",
+                    skipped=item.skip_reason is not None,
+                )
+            )
+            continue
+        out.append(summary_of_record(loaded.record, loaded.snapshot.raw, now=now, max_age=max_age))
+    return out

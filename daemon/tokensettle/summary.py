@@ -22,12 +22,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from tokensettle.runfile import BLOCK, RunFileError, load_document, parse_run
-from tokensettle.stability import TERMINAL, Status, parse_status
+from tokensettle.runfile import BLOCK, RunFileError, RunRecord, load_document, parse_run
+from tokensettle.stability import Status, parse_status
+from tokensettle.states import shown_state
 
 SETTLED = ("verified", "ambiguous")
 UNREADABLE = ("error", "skipped")
-TOO_OLD = "too_old"  # the state `list` shows for an unsettled run past MAX_AGE
 
 UNKNOWN_MODEL = "model not recorded"
 
@@ -355,6 +355,28 @@ def unreadable(framework: str, run_id: str, reason: str, *, skipped: bool = Fals
     return RunSummary(framework, run_id, "skipped" if skipped else "error", message=reason)
 
 
+def summary_of_record(
+    record: RunRecord, raw: bytes, *, now: datetime | None = None, max_age: timedelta | None = None
+) -> RunSummary:
+    """The summary of a parsed run, with the state `list` gives it at `now`."""
+    window = record.window
+    summary = summary_from_document(
+        load_document(raw),
+        record.framework,
+        run_id=record.run_id,
+        window=(
+            datetime.fromtimestamp(window.start, UTC),
+            datetime.fromtimestamp(window.end, UTC),
+        ),
+    )
+    state = (
+        shown_state(record, now, max_age)
+        if now is not None and max_age is not None
+        else (record.status or Status.PENDING).value
+    )
+    return replace(summary, status=state, run_id=record.run_id, run_end=record.end)
+
+
 def summary_of_file(
     raw: bytes,
     path: Path,
@@ -369,23 +391,4 @@ def summary_of_file(
         record = parse_run(raw, path, framework, grace)
     except RunFileError as exc:
         return unreadable(framework, path.parent.name, str(exc))
-    window = record.window
-    summary = summary_from_document(
-        load_document(raw),
-        framework,
-        run_id=record.run_id,
-        window=(
-            datetime.fromtimestamp(window.start, UTC),
-            datetime.fromtimestamp(window.end, UTC),
-        ),
-    )
-    status = record.status or Status.PENDING
-    state = status.value
-    if (
-        status not in TERMINAL
-        and now is not None
-        and max_age is not None
-        and now >= record.end + max_age
-    ):
-        state = TOO_OLD
-    return replace(summary, status=state, run_id=record.run_id, run_end=record.end)
+    return summary_of_record(record, raw, now=now, max_age=max_age)
