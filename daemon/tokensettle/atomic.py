@@ -1,5 +1,8 @@
 """Safe reads and atomic compare-and-swap rewrites of files we do not own.
 
+Read: only a regular file is opened, never blocking (O_NONBLOCK: a FIFO named
+metrics.json must not freeze us), never through a symlink at the last component.
+
 Write: same-directory temp file (O_EXCL, a dot-name the watcher ignores), write, fsync,
 copy mode and owner, check that the original still holds the bytes we read (else hand
 the new bytes to the caller's transform again), `os.replace`, fsync the directory. The
@@ -49,6 +52,22 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
 
 
+def file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO', ...: what a non-regular file is, for one-line reasons."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def check_inside(path: Path, root: Path) -> None:
     """Refuse symlinks anywhere below `root`, and paths that resolve outside it."""
     if path.is_symlink():
@@ -62,13 +81,24 @@ def check_inside(path: Path, root: Path) -> None:
         raise UnsafeFileError(errno.EXDEV, f"resolves outside the root {root}", str(path)) from None
 
 
-def read_snapshot(path: Path, max_bytes: int = MAX_FILE_BYTES) -> Snapshot:
-    """Read a regular file without following a symlink at its last component."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _not_regular(path: Path | str, mode: int) -> UnsafeFileError:
+    return UnsafeFileError(
+        errno.EINVAL, f"is {file_kind(mode)}, not a regular file; never opened", str(path)
+    )
+
+
+def read_snapshot(path: Path | str, max_bytes: int = MAX_FILE_BYTES) -> Snapshot:
+    """Read a regular file without following a symlink at its last component and without
+    ever blocking: anything but a regular file is refused before it is opened (a device's
+    open can have effects), and O_NONBLOCK covers one swapped in between."""
+    st = os.lstat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise _not_regular(path, st.st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError(errno.EINVAL, "is not a regular file", str(path))
+            raise _not_regular(path, st.st_mode)
         if st.st_size > max_bytes:
             raise UnsafeFileError(
                 errno.EFBIG,

@@ -1,9 +1,10 @@
-"""The atomic compare-and-swap rewrite on real files, including a concurrent writer."""
+"""The atomic rewrite on real files: a concurrent writer, FIFOs."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,47 @@ def test_symlinks_and_escapes_are_refused(tmp_path: Path) -> None:
         read_snapshot(link)
     with pytest.raises(UnsafeFileError):
         check_inside(target, root)
+
+
+def _read_in_thread(path: Path) -> tuple[threading.Thread, list[BaseException | bytes]]:
+    outcome: list[BaseException | bytes] = []
+
+    def read() -> None:
+        try:
+            outcome.append(read_snapshot(path).raw)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "metrics.json"
+    os.mkfifo(fifo)
+    thread, outcome = _read_in_thread(fifo)
+    thread.join(timeout=10)
+    blocked = thread.is_alive()
+    if blocked:  # release the reader stuck in open(): a writer end appears
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(timeout=10)
+    assert not blocked, "read_snapshot blocked on a FIFO"
+    (error,) = outcome
+    assert isinstance(error, UnsafeFileError)
+    assert "is a FIFO, not a regular file" in str(error)
+
+
+def test_a_directory_or_socket_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    import socket
+
+    directory = tmp_path / "d" / "metrics.json"
+    directory.mkdir(parents=True)
+    with pytest.raises(UnsafeFileError, match="is a directory, not a regular file"):
+        read_snapshot(directory)
+    sock_path = tmp_path / "metrics.json"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        with pytest.raises(UnsafeFileError, match="is a socket, not a regular file"):
+            read_snapshot(sock_path)
