@@ -1,23 +1,30 @@
-"""Safe reads and atomic compare-and-swap rewrites of files we do not own.
+"""Safe reads and atomic rewrites of files we do not own.
 
 Read: only a regular file is opened, never blocking (O_NONBLOCK: a FIFO named
 metrics.json must not freeze us), never through a symlink at the last component.
 
 Write: same-directory temp file (O_EXCL, a dot-name the watcher ignores), write, fsync,
-copy mode and owner, check that the original still holds the bytes we read (else hand
-the new bytes to the caller's transform again), `os.replace`, fsync the directory. The
-experiment that wrote the file does not take our locks, so this is optimistic
-concurrency: it converges rather than excludes.
+copy mode and owner; check that the original still holds the bytes we read (else hand
+the new bytes to the caller's transform again); then swap. On Linux the swap is
+`renameat2(RENAME_EXCHANGE)`, which hands back the file it displaced: if that is not
+exactly what we patched, another writer renamed its version in just before our swap, and
+we put its version straight back (see `_install`). Elsewhere (or on a filesystem without
+the flag) the swap is `os.replace`, which leaves a window of a few microseconds between
+the check and the rename. Then fsync the directory. The experiment that wrote the file
+does not take our locks, so this is optimistic concurrency: it converges rather than
+excludes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +40,7 @@ class UnsafeFileError(OSError):
 
 
 class ConflictError(OSError):
-    """Another writer kept changing the file; the rewrite was abandoned, file untouched."""
+    """Another writer kept changing the file; the rewrite was abandoned, its content theirs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +137,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _write_temp(path: Path, data: bytes, like: os.stat_result) -> Path:
-    tmp = path.with_name(
-        f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-    )
+    name = f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    tmp = path.with_name(name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
@@ -151,10 +157,123 @@ def _write_temp(path: Path, data: bytes, like: os.stat_result) -> Path:
                     os.fchown(fd, -1, like.st_gid)
     except BaseException:
         os.close(fd)
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     os.close(fd)
     return tmp
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp name of ours (whatever it holds now)."""
+    tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ the swap
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+#: errnos by which renameat2 says "not here": no such syscall, or a filesystem without
+#: RENAME_EXCHANGE (EINVAL: flag not supported). Those fall back to os.replace.
+_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, some musl builds)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+class ExchangeUnsupported(OSError):
+    """renameat2(RENAME_EXCHANGE) is not available for these paths."""
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Atomically swap the names `a` and `b` (both must exist). Raises ExchangeUnsupported
+    where the platform or filesystem cannot."""
+    global _renameat2  # noqa: PLW0603 - a missing syscall is missing for the process
+    fn = _renameat2
+    if fn is None:
+        raise ExchangeUnsupported(errno.ENOSYS, "renameat2(RENAME_EXCHANGE) is unavailable")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        _renameat2 = None
+    if err in _UNSUPPORTED:
+        raise ExchangeUnsupported(err, os.strerror(err), str(b))
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def exchange_supported(directory: Path) -> bool:
+    """Whether `rewrite` can swap with RENAME_EXCHANGE in `directory` (a probe with two
+    temp files of ours, removed again)."""
+    one = _write_temp(directory / "probe", b"", os.stat(directory))
+    two = _write_temp(directory / "probe", b"", os.stat(directory))
+    try:
+        exchange(one, two)
+    except ExchangeUnsupported:
+        return False
+    finally:
+        _discard(one)
+        _discard(two)
+    return True
+
+
+def _content(path: Path) -> bytes | None:
+    try:
+        return read_snapshot(path).raw
+    except OSError:
+        return None  # a symlink, directory or vanished file came out: not what we put in
+
+
+#: Rounds of putting a concurrent writer's version back before giving up (each round is
+#: two syscalls; only a writer renaming in every microsecond gap could exhaust them).
+_PUT_BACK_ROUNDS = 16
+
+
+def _install(tmp: Path, path: Path, base: bytes, new: bytes) -> bool:
+    """Swap `tmp` (holding `new`, our patch of `base`) into place. True when installed;
+    False when another writer's version had just been renamed in: it is back in place,
+    and the caller reads it and patches again.
+
+    Why nothing of the other writer is lost: the exchange is atomic and gives us the exact
+    file it displaced. If that file's bytes are `base`, our patch of it is what now stands,
+    and only `base` (already in it) leaves. Otherwise the other writer renamed version D in
+    after our check; we swap D straight back (not after re-patching: an experiment that
+    reads its own file must not see our stale patch for longer than two syscalls). That
+    swap displaces either `new` (nobody wrote in between: D stands, untouched) or a still
+    newer version X, which we swap back in the same way, until what comes out is what we
+    had put in. A version only ever leaves the path through our hands when it is `base`
+    or something we put there.
+    """
+    try:
+        exchange(tmp, path)
+    except ExchangeUnsupported:
+        os.replace(tmp, path)
+        return True
+    came_out = _content(tmp)
+    if came_out == base:
+        return True
+    put_in: bytes | None = came_out
+    expected: bytes | None = new
+    for _ in range(_PUT_BACK_ROUNDS):
+        exchange(tmp, path)
+        came_out = _content(tmp)
+        if came_out == expected:
+            return False
+        put_in, expected = came_out, put_in
+    # Hopeless: leave the newest version we saw in place with a plain rename.
+    os.replace(tmp, path)
+    return False
 
 
 Transform = Callable[[bytes], bytes | None]
@@ -175,12 +294,15 @@ def rewrite(
     first: Snapshot | None = None,
     max_retries: int = 3,
     before_replace: Callable[[], None] | None = None,
+    use_exchange: bool = True,
 ) -> WriteResult:
     """Atomically replace `path` with `transform(current bytes)`.
 
-    If the file changes between our read and our replace, the new content is read and
+    If the file changes between our read and our swap, the new content is read and
     transformed again (up to `max_retries` times), so a concurrent writer's change is
-    kept and ours is applied on top. `before_replace` is a test seam.
+    kept and ours is applied on top.
+    `before_replace` is a test seam (after the temp is written, before the check);
+    `use_exchange=False` forces the compare-and-replace used where renameat2 is missing.
     """
     snap = first or read_snapshot(path)
     for attempt in range(max_retries + 1):
@@ -193,16 +315,20 @@ def rewrite(
             if before_replace is not None:
                 before_replace()
             current = read_snapshot(path)
-            if current.raw != snap.raw:
-                tmp.unlink(missing_ok=True)
-                snap = current
-                continue
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-        return WriteResult(True, new, attempt)
+            if current.raw == snap.raw:
+                if use_exchange:
+                    installed = _install(tmp, path, snap.raw, new)
+                else:
+                    os.replace(tmp, path)
+                    installed = True
+                if installed:
+                    _discard(tmp)
+                    _fsync_dir(path.parent)
+                    return WriteResult(True, new, attempt)
+                current = read_snapshot(path)
+            snap = current
+        finally:
+            _discard(tmp)
     raise ConflictError(
         errno.EAGAIN, f"changed by another writer {max_retries + 1} times in a row", str(path)
     )
