@@ -36,7 +36,11 @@ TEMP_SUFFIX = ".tmp"
 
 
 class UnsafeFileError(OSError):
-    """The path is a symlink, not a regular file, too large, or outside its root."""
+    """The path is a symlink, not a regular file, too large, read-only, or outside its root."""
+
+
+class ReadOnlyError(UnsafeFileError):
+    """The file has no write permission bit: its owner made it read-only; we never replace it."""
 
 
 class ConflictError(OSError):
@@ -73,6 +77,13 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+def read_only_reason(mode: int) -> str | None:
+    """Why a file with this mode is not ours to replace, or None when it may be written."""
+    if mode & 0o222:
+        return None
+    return f"is read-only (mode {stat.S_IMODE(mode):04o}); chmod u+w to let tokensettle settle it"
 
 
 def check_inside(path: Path, root: Path) -> None:
@@ -300,7 +311,7 @@ def rewrite(
 
     If the file changes between our read and our swap, the new content is read and
     transformed again (up to `max_retries` times), so a concurrent writer's change is
-    kept and ours is applied on top.
+    kept and ours is applied on top. A read-only file (no write bit) is refused.
     `before_replace` is a test seam (after the temp is written, before the check);
     `use_exchange=False` forces the compare-and-replace used where renameat2 is missing.
     """
@@ -310,6 +321,9 @@ def rewrite(
         if new is None or new == snap.raw:
             return WriteResult(False, snap.raw, attempt)
         st = os.stat(path, follow_symlinks=False)
+        reason = read_only_reason(st.st_mode)
+        if reason is not None:
+            raise ReadOnlyError(errno.EACCES, reason, str(path))
         tmp = _write_temp(path, new, st)
         try:
             if before_replace is not None:

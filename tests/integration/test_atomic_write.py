@@ -1,4 +1,4 @@
-"""The atomic rewrite on real files: a concurrent writer, FIFOs."""
+"""The atomic rewrite on real files: a concurrent writer, read-only files, FIFOs."""
 
 from __future__ import annotations
 
@@ -224,7 +224,31 @@ def test_a_real_writer_renaming_every_few_ms_loses_nothing(tmp_path: Path) -> No
     assert trial["lost_seen_by_writer"] == 0 and trial["temp_files_left"] == []
 
 
-# ---------------------------------------------------------------- files that are not ours to read
+# ---------------------------------------------------------------- files that are not ours to write
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o400, 0o440])
+def test_a_read_only_file_is_refused_and_left_identical(tmp_path: Path, mode: int) -> None:
+    # As root (or with a writable directory) a rename would replace it without a word.
+    path = tmp_path / "metrics.json"
+    path.write_bytes(b'{"a": 1}')
+    path.chmod(mode)
+    before = os.stat(path)
+
+    with pytest.raises(UnsafeFileError, match="read-only") as caught:
+        rewrite(path, _add_field)
+
+    message = str(caught.value)
+    assert "read-only" in message and "chmod u+w" in message and str(path) in message
+    assert "\n" not in message
+    after = os.stat(path)
+    assert path.read_bytes() == b'{"a": 1}'
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_mode,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def _read_in_thread(path: Path) -> tuple[threading.Thread, list[BaseException | bytes]]:

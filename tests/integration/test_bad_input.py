@@ -243,3 +243,25 @@ async def test_write_keeps_mode_and_formatting(stage: Stage, mode: int) -> None:
     assert text.endswith("}\n") and '    "run_id"' in text and "caf\u00e9 \u2705" in text
     assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n"
     assert not [p for p in path.parent.iterdir() if p.name != "metrics.json"]  # no temp left
+
+
+async def test_a_read_only_run_file_is_never_replaced(stage: Stage) -> None:
+    # Seen: a mode-0444 file replaced without a word by a process that may write the
+    # directory (as root, or by group). Polled or not, it is left exactly as it is.
+    root, end, control, clock = stage.root, stage.end, stage.control, stage.clock
+    path = write_run(root, "baes", "protected", [(end - 30, end)])
+    await control.add([virtual_request(end - 5, "baes", 10, 5, 1)])
+    path.chmod(0o444)
+    before, raw = os.stat(path), path.read_bytes()
+    reconciler = stage.reconciler()
+    for _ in range(2):
+        await reconciler.run_once()
+        clock.advance(minutes=2)
+    after = os.stat(path)
+    assert path.read_bytes() == raw
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_mode,
+    )
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
