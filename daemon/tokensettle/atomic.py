@@ -13,6 +13,9 @@ the flag) the swap is `os.replace`, which leaves a window of a few microseconds 
 the check and the rename. Then fsync the directory. The experiment that wrote the file
 does not take our locks, so this is optimistic concurrency: it converges rather than
 excludes.
+
+A write killed half-way leaves a temp file of our pattern behind; `stale_temps` and
+`remove_stale_temps` find and remove those (never one whose write may still be running).
 """
 
 from __future__ import annotations
@@ -22,17 +25,30 @@ import ctypes
 import errno
 import hashlib
 import os
+import re
 import secrets
 import stat
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Larger files are refused: a metrics.json is kilobytes; a huge one is a mistake or an attack.
 MAX_FILE_BYTES = 16 * 1024 * 1024
 TEMP_PREFIX = ".tokensettle-"
 TEMP_SUFFIX = ".tmp"
+#: `.tokensettle-<target name>.<pid>.<8 hex digits>.tmp`, exactly what `_write_temp` makes.
+_TEMP_NAME = re.compile(r"\.tokensettle-(?P<target>.+)\.(?P<pid>[1-9][0-9]{0,9})\.[0-9a-f]{8}\.tmp")
+#: A temp file younger than this (by ctime, which a rename also sets) is never removed: a
+#: write lasts milliseconds, and a pid from another pid namespace (a container sharing the
+#: volume) cannot be checked, so age is what protects such a write.
+STALE_AFTER_SECONDS = 60.0
+#: Older than this, a temp is removed whatever its pid says (the pid was reused).
+ABANDONED_AFTER_SECONDS = 3600.0
+#: Linux's PID_MAX_LIMIT; a bigger "pid" belongs to no process.
+_PID_MAX = 1 << 22
 
 
 class UnsafeFileError(OSError):
@@ -60,7 +76,8 @@ class Snapshot:
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+    """True for exactly the names of our temp files (not for any other dot-file)."""
+    return name.startswith(TEMP_PREFIX) and _TEMP_NAME.fullmatch(name) is not None
 
 
 def file_kind(mode: int) -> str:
@@ -147,10 +164,24 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# ------------------------------------------------------------------ temp files we hold
+
+#: Names of the temp files this process's writes hold right now (from before the temp is
+#: created until it is gone), so a sweep never removes one of our own writes in flight.
+_held: set[str] = set()
+_held_lock = threading.Lock()
+
+
 def _write_temp(path: Path, data: bytes, like: os.stat_result) -> Path:
     name = f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     tmp = path.with_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with _held_lock:
+        _held.add(name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        _release(tmp)
+        raise
     try:
         view = memoryview(data)
         while view:
@@ -174,9 +205,18 @@ def _write_temp(path: Path, data: bytes, like: os.stat_result) -> Path:
     return tmp
 
 
+def _release(tmp: Path) -> None:
+    with _held_lock:
+        _held.discard(tmp.name)
+
+
 def _discard(tmp: Path) -> None:
-    """Remove a temp name of ours (whatever it holds now)."""
-    tmp.unlink(missing_ok=True)
+    """Remove a temp name of ours (whatever it holds now) and stop holding it."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    finally:
+        _release(tmp)
 
 
 # ------------------------------------------------------------------ the swap
@@ -325,6 +365,7 @@ def rewrite(
         if reason is not None:
             raise ReadOnlyError(errno.EACCES, reason, str(path))
         tmp = _write_temp(path, new, st)
+        installed = False
         try:
             if before_replace is not None:
                 before_replace()
@@ -335,14 +376,117 @@ def rewrite(
                 else:
                     os.replace(tmp, path)
                     installed = True
-                if installed:
-                    _discard(tmp)
-                    _fsync_dir(path.parent)
-                    return WriteResult(True, new, attempt)
-                current = read_snapshot(path)
-            snap = current
         finally:
-            _discard(tmp)
+            _discard(tmp)  # what the exchange displaced, or our temp if it was not used
+        if installed:
+            _fsync_dir(path.parent)
+            return WriteResult(True, new, attempt)
+        snap = current if current.raw != snap.raw else read_snapshot(path)
     raise ConflictError(
         errno.EAGAIN, f"changed by another writer {max_retries + 1} times in a row", str(path)
     )
+
+
+# ------------------------------------------------------------------ leftovers of killed writes
+
+
+def _pid_running(pid: int) -> bool:
+    if not 0 < pid <= _PID_MAX:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def is_stale_temp(path: str | os.PathLike[str], *, now: float | None = None) -> bool:
+    """Whether `path` is a temp file of ours that no write can still be using.
+
+    Exactly our name pattern, a regular file (lstat), not held by a write of this process,
+    at least `STALE_AFTER_SECONDS` old by ctime, and either its writer's pid is not running
+    (or is ours: an earlier process with our pid, pid 1 in a restarted container), or it is
+    older than `ABANDONED_AFTER_SECONDS` (the pid was reused by an unrelated process)."""
+    name = os.path.basename(path)
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return False
+    with _held_lock:
+        if name in _held:
+            return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    age = (time.time() if now is None else now) - st.st_ctime
+    if age < STALE_AFTER_SECONDS:
+        return False
+    if age >= ABANDONED_AFTER_SECONDS:
+        return True
+    pid = int(match["pid"])
+    return pid == os.getpid() or not _pid_running(pid)
+
+
+@dataclass
+class TempSweep:
+    removed: list[Path] = field(default_factory=list)
+    #: (path, one-line reason) for stale temps that could not be removed
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def remove_stale_temps(
+    candidates: Iterable[str | os.PathLike[str]], *, now: float | None = None
+) -> TempSweep:
+    """Remove those of `candidates` (paths, e.g. the temps discovery saw while listing run
+    directories) that `is_stale_temp` says no write is using. Cheap for paths that are
+    not ours: a name match decides before any system call."""
+    sweep = TempSweep()
+    for candidate in candidates:
+        if not is_stale_temp(candidate, now=now):
+            continue
+        path = Path(candidate)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            sweep.failed.append((path, exc.strerror or str(exc)))
+            continue
+        sweep.removed.append(path)
+    return sweep
+
+
+def temps_under(directories: Iterable[Path], *, recursive: bool = True) -> list[str]:
+    """Paths of our temp files in `directories` (and below them if `recursive`; symlinked
+    and dot-directories are not entered)."""
+    found: list[str] = []
+    stack = [str(d) for d in directories]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                for entry in it:
+                    if is_temp_name(entry.name):
+                        found.append(entry.path)
+                    elif (
+                        recursive
+                        and not entry.name.startswith(".")
+                        and entry.is_dir(follow_symlinks=False)
+                    ):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return found
+
+
+def sweep_stale_temps(
+    directories: Iterable[Path], *, recursive: bool = True, now: float | None = None
+) -> TempSweep:
+    """Remove stale temps of ours under a tree (or in a list of run directories with
+    `recursive=False`). The daemon gets the candidates from discovery's own listing
+    instead (`discovery.run_entries(..., temps=...)`), so a rescan needs no second walk."""
+    return remove_stale_temps(temps_under(directories, recursive=recursive), now=now)

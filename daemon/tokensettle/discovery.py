@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokensettle.atomic import file_kind
+from tokensettle.atomic import file_kind, is_temp_name
 
 RUN_FILE = "metrics.json"
 
@@ -67,13 +67,15 @@ def run_entries(
     *,
     ordered: bool = False,
     skipped: list[Found] | None = None,
+    temps: list[str] | None = None,
 ) -> Iterator[os.DirEntry[str]]:
     """The directory entries of every run file under `root` (cheap: no Path objects, and
     the entry caches its lstat for the caller).
 
     Symlinked metrics.json files are yielded (the caller reports them with `found_of`).
     With `skipped`, what is never yielded is reported there: a metrics.json that is not a
-    regular file, a symlinked run or framework directory.
+    regular file, a symlinked run or framework directory. With `temps`, the paths of our
+    temp files seen in any listed directory are appended (see `atomic.remove_stale_temps`).
     """
     top = str(root)
     stack = [top]
@@ -84,6 +86,8 @@ def run_entries(
                 entries = list(it)
         except OSError:
             continue
+        if temps is not None:
+            temps.extend(e.path for e in entries if is_temp_name(e.name))
         run_file = next((e for e in entries if e.name == RUN_FILE), None)
         if run_file is not None and directory != top:
             if run_file.is_symlink() or run_file.is_file(follow_symlinks=False):
@@ -126,23 +130,23 @@ def found_at(path: Path, root: Path) -> Found:
     return Found(path, root, framework_of(path), reason)
 
 
-def scan(root: Path) -> Iterator[Found]:
+def scan(root: Path, *, temps: list[str] | None = None) -> Iterator[Found]:
     """Every run under `root`, the skipped ones included (with their reason)."""
     if not root.is_dir():
         return
     skipped: list[Found] = []
-    for entry in run_entries(root, ordered=True, skipped=skipped):
+    for entry in run_entries(root, ordered=True, skipped=skipped, temps=temps):
         yield from skipped
         skipped.clear()
         yield found_of(entry, root)
     yield from skipped
 
 
-def scan_all(roots: list[Path]) -> list[Found]:
+def scan_all(roots: list[Path], *, temps: list[str] | None = None) -> list[Found]:
     seen: set[Path] = set()
     found: list[Found] = []
     for root in roots:
-        for item in scan(root):
+        for item in scan(root, temps=temps):
             if item.path not in seen:
                 seen.add(item.path)
                 found.append(item)
