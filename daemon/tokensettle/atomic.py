@@ -211,9 +211,10 @@ def _release(tmp: Path) -> None:
 
 
 def _discard(tmp: Path) -> None:
-    """Remove a temp name of ours (whatever it holds now) and stop holding it."""
+    """Remove a temp name of ours (whatever it holds now) and stop holding it. A name that
+    cannot be removed is left to the stale-temp sweep rather than mask the real error."""
     try:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             tmp.unlink()
     finally:
         _release(tmp)
