@@ -6,8 +6,12 @@ are ISO 8601 strings (or numbers). The window comes from the steps when they hav
 else from the run.
 
 Formatting is kept by re-serialising with the file's own style (indent, separators,
-ASCII escaping, trailing newline), detected from its bytes; every fixture in the field
-round-trips byte-for-byte that way, so a patch changes only the patched fields.
+ASCII escaping, trailing newline, a UTF-8 byte-order mark), detected from its bytes; every
+fixture in the field round-trips byte-for-byte that way, so a patch changes only the
+patched fields. A document that would not survive that (duplicate keys, not UTF-8, nested
+or numbered beyond what we can re-serialise, a non-finite number where we compute or
+overwrite) is refused at parse time with a one-line `RunFileError`, so nothing downstream
+(patching, json.dumps, arithmetic, the index) can crash on it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import copy
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any
 
 from tokensettle import TOOL_NAME
 from tokensettle.compare import LocalCounts, local_counts_from_document
+from tokensettle.logs import REDACTED
 from tokensettle.stability import AttemptRecord, Status, Totals, Verdict, parse_status
 from tokensettle.usage import Usage
 from tokensettle.windows import Activity, Interval
@@ -43,6 +48,16 @@ AGGREGATE_TOKEN_KEYS: dict[str, str] = {
 }
 # Plausible Unix seconds: 2001 .. 2100. Anything else is a unit or type mix-up.
 _MIN_TS, _MAX_TS = 1.0e9, 4.1e9
+#: Deeper documents are refused: deepcopy and json.dumps recurse (a real run file is ~6 deep).
+MAX_DEPTH = 100
+#: Longer integer literals are refused: every int we keep then converts to a float and
+#: back to text (Python refuses > 4,300 digits; float() overflows past 308).
+MAX_INT_DIGITS = 300
+#: A count we read (attempt totals, written totals) fits the index's signed 64-bit integer.
+MAX_COUNT = 2**63 - 1
+UTF8_BOM = b"\xef\xbb\xbf"
+#: aggregate_metrics fields we overwrite or compute from; NaN/Infinity there is refused
+_NUMERIC_AGGREGATES = (*AGGREGATE_TOKEN_KEYS, "COST_USD", "AUTR", "AEI")
 
 
 class RunFileError(ValueError):
@@ -96,28 +111,49 @@ class RunRecord:
 # ---------------------------------------------------------------------------- reading
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    """`repr(value)`, cut short: a reason stays one readable line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def _timestamp(value: object, what: str) -> float:
     if isinstance(value, bool):
         raise RunFileError(f"{what} is a boolean, expected a timestamp")
-    if isinstance(value, int | float):
-        ts = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            ts = float(text)
-        except ValueError:
+    try:
+        if isinstance(value, int | float):
+            ts = float(value)
+        elif isinstance(value, str):
+            text = value.strip()
             try:
-                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                ts = float(text)
             except ValueError:
-                raise RunFileError(f"{what} {value!r} is not ISO 8601 or Unix seconds") from None
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=UTC)  # the seed writes naive UTC + 'Z'
-            ts = parsed.timestamp()
-    else:
-        raise RunFileError(f"{what} is {type(value).__name__}, expected a timestamp")
+                try:
+                    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                except ValueError:
+                    raise RunFileError(
+                        f"{what} {_shown(value)} is not ISO 8601 or Unix seconds"
+                    ) from None
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=UTC)  # the seed writes naive UTC + 'Z'
+                ts = parsed.timestamp()
+        else:
+            raise RunFileError(f"{what} is {type(value).__name__}, expected a timestamp")
+    except (OverflowError, ValueError) as exc:
+        if isinstance(exc, RunFileError):
+            raise
+        ts = math.inf
     if not math.isfinite(ts) or not _MIN_TS <= ts <= _MAX_TS:
-        raise RunFileError(f"{what} {value!r} is not a plausible Unix time in seconds")
+        raise RunFileError(f"{what} {_shown(value)} is not a plausible Unix time in seconds")
     return ts
+
+
+def _refuse_non_finite(value: object, what: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RunFileError(
+            f"{what} is {json.dumps(value)}, which tokensettle would overwrite or compute "
+            "from; set it to a number"
+        )
 
 
 def _step_label(step: Mapping[str, Any], index: int) -> str:
@@ -150,27 +186,32 @@ def _parse_steps(raw_steps: object, grace: int) -> list[StepInfo]:
             v = step[k]
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
                 raise RunFileError(f"steps[{i}].{k} is {type(v).__name__}, expected a number")
+            _refuse_non_finite(v, f"steps[{i}].{k}")
         steps.append(StepInfo(i, label, activity, keys))
     return steps
 
 
 def _iso(value: object) -> datetime | None:
+    """An attempt's ISO time, or None when it is not one (or not a plausible Unix time:
+    a year-9999 attempt would overflow the next due time)."""
     if not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        ts = parsed.timestamp()
+    except (ValueError, OverflowError):
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed if _MIN_TS <= ts <= _MAX_TS else None
 
 
 def _count(value: object) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= MAX_COUNT:
+        return value
     return None
 
 
@@ -219,22 +260,87 @@ def _recorded_cost(block: Mapping[str, Any]) -> float | None:
     if not isinstance(cost, dict) or cost.get("complete") is not True:
         return None
     value = cost.get("total_usd")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _text(raw: bytes) -> tuple[str, bool]:
+    """The file as text and whether it starts with a UTF-8 byte-order mark (kept on write).
+    JSON is UTF-8 (RFC 8259); json.loads would also guess UTF-16/32, which we could not
+    write back the same, so those are refused. A NUL byte is never in JSON text but is in
+    every UTF-16/32 file of ASCII characters, which are otherwise valid UTF-8."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise RunFileError(
+            "file is not UTF-8 text: it looks like UTF-16 or UTF-32; save it as UTF-8"
+        )
+    bom = raw.startswith(UTF8_BOM)
+    body = raw[len(UTF8_BOM) :] if bom else raw
+    try:
+        return body.decode("utf-8"), bom
+    except UnicodeDecodeError as exc:
+        raise RunFileError(f"file is not UTF-8 text (byte {exc.start} is not UTF-8)") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise RunFileError(
+            f"duplicate key {_shown(dup)} in one object; rewriting would drop one copy, so "
+            "the file is left as it is (merge the copies to let tokensettle settle it)"
+        )
+    return obj
+
+
+def _bounded_int(literal: str) -> int:
+    digits = len(literal.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise RunFileError(
+            f"an integer of {digits:,} digits (more than {MAX_INT_DIGITS}) is not a value "
+            "tokensettle can keep"
+        )
+    return int(literal)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise RunFileError(f"the number {_shown(literal)} is beyond a 64-bit float")
+    return value
+
+
+def _refuse_deep(doc: Any) -> None:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RunFileError(f"JSON nested more than {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
 
 
 def load_document(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a run file, or RunFileError with a one-line reason for anything
+    we could not write back intact."""
     if not raw.strip():
         raise RunFileError("file is empty")
+    text, _bom = _text(raw)
     try:
-        doc = json.loads(raw)
-    except UnicodeDecodeError:
-        raise RunFileError("file is not UTF-8 text") from None
+        doc = json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
     except json.JSONDecodeError as exc:
         raise RunFileError(f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
     except RecursionError:
-        raise RunFileError("JSON nested too deeply") from None
+        raise RunFileError(f"JSON nested more than {MAX_DEPTH} levels deep") from None
     if not isinstance(doc, dict):
         raise RunFileError(f"top level is a JSON {type(doc).__name__}, expected an object")
+    _refuse_deep(doc)
     return doc
 
 
@@ -247,6 +353,11 @@ def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
     for key in ("aggregate_metrics", BLOCK):
         if key in doc and not isinstance(doc[key], dict):
             raise RunFileError(f"'{key}' is {type(doc[key]).__name__}, expected an object")
+    for key in _NUMERIC_AGGREGATES:
+        _refuse_non_finite(doc.get("aggregate_metrics", {}).get(key), f"aggregate_metrics.{key}")
+    breakdown = doc.get("cost_breakdown")
+    for key, value in breakdown.items() if isinstance(breakdown, dict) else ():
+        _refuse_non_finite(value, f"cost_breakdown.{key}")
     steps = _parse_steps(doc.get("steps"), grace)
     timed = [s.activity for s in steps if s.activity is not None]
     if timed:
@@ -299,6 +410,7 @@ class JsonStyle:
     item_sep: str = ","
     key_sep: str = ": "
     trailing_newline: bool = False
+    bom: bool = False
 
     def dumps(self, doc: Any) -> bytes:
         text = json.dumps(
@@ -307,7 +419,10 @@ class JsonStyle:
             ensure_ascii=self.ensure_ascii,
             separators=(self.item_sep, self.key_sep),
         )
-        return (text + ("\n" if self.trailing_newline else "")).encode("utf-8")
+        text += "\n" if self.trailing_newline else ""
+        # A lone surrogate (from a "\\udXXX" escape) cannot be UTF-8: write it back as the
+        # same escape instead of failing.
+        return (UTF8_BOM if self.bom else b"") + text.encode("utf-8", "backslashreplace")
 
 
 def detect_style(raw: bytes) -> JsonStyle:
@@ -317,7 +432,10 @@ def detect_style(raw: bytes) -> JsonStyle:
     confirmed by re-serialising, since the text alone can mislead (a string may contain
     ", " or ": "). A file no candidate reproduces keeps its detected indent.
     """
-    text = raw.decode("utf-8")
+    try:
+        text, bom = _text(raw)
+    except RunFileError:
+        return JsonStyle()
     trailing = text.endswith("\n")
     indent: int | str | None = None
     match = re.search(r"\n([ \t]+)\S", text)
@@ -329,14 +447,14 @@ def detect_style(raw: bytes) -> JsonStyle:
     ascii_first = not any(ord(c) > 127 for c in text)
     default_item = "," if indent is not None else ", "
     candidates = [
-        JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing)
+        JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing, bom)
         for ensure_ascii in (ascii_first, not ascii_first)
         for item_sep in (default_item, ", " if default_item == "," else ",")
         for key_sep in (": ", ":")
     ]
     try:
-        doc = json.loads(text)
-    except ValueError:
+        doc = load_document(raw)
+    except RunFileError:
         return candidates[0]
     for candidate in candidates:
         if candidate.dumps(doc) == raw:
@@ -375,13 +493,39 @@ def _aei(autr: object, tok_in: int) -> float | None:
     return 0.0 if tok_in == 0 else float(autr) / math.log(1 + tok_in)
 
 
+def redact_secrets(value: Any, secrets: Iterable[str]) -> Any:
+    """`value` (a JSON document) with every occurrence of each secret, in any string or
+    key, replaced by the marker the logs use. Values without a secret are returned as they
+    are, so a document without one comes back equal."""
+    found = [s for s in secrets if s]
+    if not found:
+        return value
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, str):
+            for secret in found:
+                node = node.replace(secret, REDACTED)
+            return node
+        if isinstance(node, dict):
+            return {scrub(k): scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    return scrub(value)
+
+
 def apply_patch(
     doc: Mapping[str, Any],
     patch: Patch,
     steps: Sequence[StepInfo],
     append_attempt: bool = True,
+    *,
+    redact: Iterable[str] = (),
 ) -> dict[str, Any]:
-    """A patched deep copy of `doc`. Token fields change only for verified/ambiguous."""
+    """A patched deep copy of `doc`. Token fields change only for verified/ambiguous.
+    `redact`: secrets (the admin key) that must appear nowhere in what we write, wherever
+    they came from (a usage page's `model`, say)."""
     out: dict[str, Any] = copy.deepcopy(dict(doc))
     verdict = patch.verdict
     block: dict[str, Any] = out.get(BLOCK) if isinstance(out.get(BLOCK), dict) else {}  # type: ignore[assignment]
@@ -445,4 +589,4 @@ def apply_patch(
         block["steps_updated"] = updated
     if "verification_status" in out:
         out["verification_status"] = verdict.status.value
-    return out
+    return redact_secrets(out, redact)  # type: ignore[no-any-return]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,34 @@ BAD_FILES: dict[str, bytes] = {
             "aggregate_metrics": [0, 0],
         }
     ).encode(),
+    # Seen by the torture harness: each crashed the batch or lost data.
+    "duplicate-keys": (
+        b'{"run_id": "d", "start_timestamp": "2025-10-19T10:39:29Z",'
+        b' "end_timestamp": "2025-10-19T10:41:18Z",'
+        b' "aggregate_metrics": {"TOK_IN": 5, "NOTE": "first"},'
+        b' "aggregate_metrics": {"TOK_IN": 0}}'
+    ),
+    "nested-600": (
+        b'{"run_id": "n6", "start_timestamp": "2025-10-19T10:39:29Z",'
+        b' "end_timestamp": "2025-10-19T10:41:18Z", "deep": ' + b"[" * 600 + b"]" * 600 + b"}"
+    ),
+    "int-5000-digits": b'{"run_id": "i5", "seed": ' + b"7" * 5000 + b"}",
+    "timestamp-401-digits": (
+        b'{"run_id": "t4", "steps": [{"start_timestamp": '
+        + b"9" * 401
+        + b', "end_timestamp": 1760870426}]}'
+    ),
+    "utf-16": json.dumps(
+        {
+            "run_id": "u16",
+            "start_timestamp": "2025-10-19T10:39:29Z",
+            "end_timestamp": "2025-10-19T10:41:18Z",
+        }
+    ).encode("utf-16"),
+    "nan-count": (
+        b'{"run_id": "nan", "start_timestamp": "2025-10-19T10:39:29Z",'
+        b' "end_timestamp": "2025-10-19T10:41:18Z", "aggregate_metrics": {"TOK_IN": NaN}}'
+    ),
 }
 REASONS = {
     "malformed": "not valid JSON",
@@ -48,8 +77,16 @@ REASONS = {
     "bad-timestamp": "not ISO 8601",
     "millis": "not a plausible Unix time",
     "agg-not-object": "'aggregate_metrics' is list",
+    "duplicate-keys": "duplicate key 'aggregate_metrics'",
+    "nested-600": "nested more than",
+    "int-5000-digits": "integer of 5,000 digits",
+    "timestamp-401-digits": "integer of 401 digits",
+    "utf-16": "not UTF-8",
+    "nan-count": "aggregate_metrics.TOK_IN is NaN",
     "huge": "over the",
     "symlink-out": "symlink",
+    "fifo": "is a FIFO, not a regular file",
+    "dir-named": "is a directory, not a regular file",
 }
 
 
@@ -75,14 +112,21 @@ async def test_bad_files_untouched_good_runs_settled(stage: Stage) -> None:
     link.parent.mkdir(parents=True)
     link.symlink_to(outside)
     bad["symlink-out"] = link
-    # A symlinked directory pointing outside the root is not even entered.
+    # Not regular files: never opened (a FIFO's open would block the batch forever).
+    for name, make in (("fifo", os.mkfifo), ("dir-named", os.mkdir)):
+        odd = root / "baes" / name / "metrics.json"
+        odd.parent.mkdir(parents=True)
+        make(odd)
+        bad[name] = odd
+    # A symlinked directory pointing outside the root is not entered, only reported.
     (root / "ghspec").mkdir()
     (stage.root.parent / "outside-run").mkdir()
     (stage.root.parent / "outside-run" / "metrics.json").write_bytes(outside.read_bytes())
     (root / "ghspec" / "linked-dir").symlink_to(stage.root.parent / "outside-run")
 
     before = {name: os.lstat(p).st_mtime_ns for name, p in bad.items()}
-    raw_before = {name: p.read_bytes() for name, p in bad.items() if name != "symlink-out"}
+    regular = {n: p for n, p in bad.items() if stat.S_ISREG(os.lstat(p).st_mode)}
+    raw_before = {n: p.read_bytes() for n, p in regular.items()}
     outside_before = outside.read_bytes()
 
     reconciler = stage.reconciler()
@@ -101,7 +145,8 @@ async def test_bad_files_untouched_good_runs_settled(stage: Stage) -> None:
         assert bad[name].read_bytes() == raw, name
     assert {name: os.lstat(p).st_mtime_ns for name, p in bad.items()} == before
     assert outside.read_bytes() == outside_before
-    assert "linked-dir" not in by_dir
+    assert by_dir["linked-dir"].state == "skipped"
+    assert "symlinked run directory" in by_dir["linked-dir"].message
 
     assert {o.state for o in report2.outcomes if o.path == good} == {"verified"}
     agg = json.loads(good.read_text())["aggregate_metrics"]
@@ -198,3 +243,25 @@ async def test_write_keeps_mode_and_formatting(stage: Stage, mode: int) -> None:
     assert text.endswith("}\n") and '    "run_id"' in text and "caf\u00e9 \u2705" in text
     assert text == json.dumps(json.loads(text), indent=4, ensure_ascii=False) + "\n"
     assert not [p for p in path.parent.iterdir() if p.name != "metrics.json"]  # no temp left
+
+
+async def test_a_read_only_run_file_is_never_replaced(stage: Stage) -> None:
+    # Seen: a mode-0444 file replaced without a word by a process that may write the
+    # directory (as root, or by group). Polled or not, it is left exactly as it is.
+    root, end, control, clock = stage.root, stage.end, stage.control, stage.clock
+    path = write_run(root, "baes", "protected", [(end - 30, end)])
+    await control.add([virtual_request(end - 5, "baes", 10, 5, 1)])
+    path.chmod(0o444)
+    before, raw = os.stat(path), path.read_bytes()
+    reconciler = stage.reconciler()
+    for _ in range(2):
+        await reconciler.run_once()
+        clock.advance(minutes=2)
+    after = os.stat(path)
+    assert path.read_bytes() == raw
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_mode,
+    )
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
