@@ -318,7 +318,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 def _out_problem(path: Path, error: OSError) -> str:
     where = f"report --out {path}"
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError) and not path.parent.is_dir():
         return f"{where}: directory {path.parent} does not exist; create it or choose another file"
     if isinstance(error, IsADirectoryError):
         return f"{where}: is a directory; name a file in it, e.g. {path / 'report.html'}"

@@ -16,9 +16,11 @@ directory, the HTTP address): one `Problem` each, shared by the commands, the da
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import ipaddress
+import logging
 import os
 import pwd
 import re
@@ -52,6 +54,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from tokensettle.durations import parse_duration
@@ -212,6 +215,15 @@ class Settings(BaseSettings):
             raise ValueError("must be whole minutes (usage is stored per minute), e.g. '1m'")
         return v
 
+    @field_validator(
+        "request_timeout", "poll_interval", "rescan_interval", "max_backoff", "retry_delay"
+    )
+    @classmethod
+    def _positive(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("must be longer than 0s (0 would retry or poll without pause)")
+        return v
+
     @field_validator("api_base_url")
     @classmethod
     def _url(cls, v: str) -> str:
@@ -355,11 +367,35 @@ def _check_env_names(names: Iterable[str], where: str) -> None:
             raise _unknown(rest, valid, where, prefix=ENV_PREFIX)
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _dotenv_names() -> tuple[list[str], Path]:
-    """The names in the `.env` file pydantic-settings will read (lower case)."""
-    source = DotEnvSettingsSource(Settings)
-    env_file = Settings.model_config.get("env_file") or ".env"
-    return list(source.env_vars), Path(str(env_file)).absolute()
+    """The names in the `.env` file pydantic-settings will read (lower case). A line
+    python-dotenv cannot parse (it would skip it with a warning on stderr) is an error: it
+    is a setting that would silently not be set."""
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    with contextlib.suppress(OSError):  # the working directory may be gone
+        env_file = env_file.absolute()
+    dotenv_log = logging.getLogger("dotenv.main")
+    collect, propagate = _Collect(), dotenv_log.propagate
+    dotenv_log.addHandler(collect)
+    dotenv_log.propagate = False
+    try:
+        source = DotEnvSettingsSource(Settings)
+    finally:
+        dotenv_log.removeHandler(collect)
+        dotenv_log.propagate = propagate
+    if collect.messages:
+        reason = collect.messages[0].removeprefix("python-dotenv ")
+        raise ConfigError(f"{env_file}: {reason}; write NAME=value on each line")
+    return list(source.env_vars), env_file
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -442,7 +478,7 @@ def load_settings(
         try:
             names, dotenv = _dotenv_names()
         except (OSError, ValueError) as exc:
-            raise ConfigError(f".env file in {Path.cwd()} cannot be read: {exc}") from None
+            raise ConfigError(f".env file of the working directory cannot be read: {exc}") from None
         _check_env_names(names, f"{dotenv}")
     init = {k: v for k, v in (overrides or {}).items() if v is not None}
     if environ is not None:
@@ -457,6 +493,11 @@ def load_settings(
     except ValidationError as exc:
         line = _describe(exc)
         raise ConfigError(f"{line.setting}: {line.message}") from None
+    except SettingsError as exc:  # e.g. TOKENSETTLE_FRAMEWORKS that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1) if field else "settings"
+        where = f"{name} ({ENV_PREFIX}{name.upper()})" if field else name
+        raise ConfigError(f"{where}: {exc}; a structured value must be JSON") from None
     finally:
         _toml_data.reset(token)
         _isolated.reset(isolated)

@@ -581,3 +581,43 @@ def test_roots_that_cannot_be_runs_dirs(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     a_file = roots_problem([tmp_path / "file"])
     assert a_file is not None and "is not a directory" in str(a_file)
+
+
+def test_a_duration_too_long_for_timedelta_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="too long"):
+        parse_duration("99999999999d")
+    with pytest.raises(ValueError, match="too long"):
+        parse_cli_duration("99999999999999999", "m")
+
+
+@pytest.mark.parametrize(
+    "name", ["request_timeout", "poll_interval", "rescan_interval", "max_backoff", "retry_delay"]
+)
+def test_waits_that_would_spin_at_zero_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{name} .*longer than 0s"):
+        load_settings({name: "0s"}, environ={})
+
+
+def test_tick_zero_is_allowed_the_scheduler_reads_it_as_no_rounding() -> None:
+    assert load_settings({"tick": "0s"}, environ={}).tick == timedelta(0)
+
+
+def test_a_structured_env_value_that_is_not_json_names_its_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TOKENSETTLE_FRAMEWORKS", "chatdev=key_x")
+    with pytest.raises(ConfigError, match=r"^frameworks \(TOKENSETTLE_FRAMEWORKS\): .*JSON"):
+        load_settings()
+
+
+def test_a_dotenv_line_that_cannot_be_parsed_is_refused_without_a_stray_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / ".env").write_text("TOKENSETTLE_TICK 5s\n")  # no '=': dotenv skips it
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert str(info.value) == (
+        f"{tmp_path / '.env'}: could not parse statement starting at line 1; "
+        "write NAME=value on each line"
+    )
+    assert not caplog.records
