@@ -34,7 +34,15 @@ from aiohttp import web
 
 from tokensettle import __version__
 from tokensettle.bridge import WatchBridge
-from tokensettle.config import ConfigError, Settings, load_settings
+from tokensettle.config import (
+    ENV_PREFIX,
+    ConfigError,
+    Settings,
+    http_addr_problem,
+    load_settings,
+    roots_problem,
+    state_dir_problem,
+)
 from tokensettle.health import Faults, status
 from tokensettle.index import Index
 from tokensettle.logs import configure
@@ -45,7 +53,7 @@ from tokensettle.registry import Registry
 from tokensettle.runfile import iso
 from tokensettle.scheduler import PollGrid
 from tokensettle.sdnotify import notify, watchdog_interval
-from tokensettle.serve import BindError, StatusServer, can_bind
+from tokensettle.serve import BindError, StatusServer, probe_bind
 from tokensettle.stability import Status
 from tokensettle.usage import Scope
 from tokensettle.usage_api import RetryPolicy, UsageClient
@@ -271,45 +279,29 @@ class Daemon:
 
     def check(self) -> None:
         """What must hold before anything starts; raises StartError with one line."""
-        for root in self.roots:
-            if not root.is_dir():
-                raise StartError(
-                    f"runs_dirs (TOKENSETTLE_RUNS_DIRS): {root} does not exist or is not a "
-                    "directory; create it or fix the path"
-                )
+        problem = roots_problem(self.roots)
+        if problem is not None:
+            raise StartError(str(problem))
         if not self.settings.secret_key():
             raise StartError(
                 "admin_key: not set; export TOKENSETTLE_ADMIN_KEY (or a credential file "
                 "admin_key) with an admin key that has api.usage.read"
             )
         state = Path(os.path.abspath(self.settings.state_dir))
-        for root in self.roots:
-            if state.is_relative_to(root):
-                raise StartError(
-                    f"state_dir (TOKENSETTLE_STATE_DIR): {state} is inside the watched root "
-                    f"{root}; put it on local disk outside the roots"
-                )
-        if state.exists() and not state.is_dir():
-            raise StartError(
-                f"state_dir (TOKENSETTLE_STATE_DIR): {state} exists and is not a directory"
-            )
+        problem = state_dir_problem(state, self.roots)
+        if problem is not None:
+            raise StartError(str(problem))
         try:
             state.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartError(
-                f"state_dir (TOKENSETTLE_STATE_DIR): cannot create {state}: {exc.strerror or exc}"
+                f"state_dir ({ENV_PREFIX}STATE_DIR): cannot create {state}: {exc.strerror or exc}"
             ) from None
-        if not os.access(state, os.W_OK | os.X_OK):
-            raise StartError(
-                f"state_dir (TOKENSETTLE_STATE_DIR): {state} is not writable by this user"
-            )
-        if self.settings.http_addr:
-            problem = can_bind(self.settings.http_addr)
-            if problem is not None:
-                raise StartError(
-                    f"http_addr (TOKENSETTLE_HTTP_ADDR): {problem}; choose a free port, "
-                    "or set it empty to disable the status server"
-                )
+        bind = self.settings.http_bind()
+        if bind is not None:
+            error = probe_bind(*bind)
+            if error is not None:
+                raise StartError(str(http_addr_problem(self.settings.http_addr, error)))
 
     async def run(self) -> int:
         try:
@@ -360,8 +352,9 @@ class Daemon:
                     self.metrics,
                     clock=self.clock,
                 )
-                if self.settings.http_addr:
-                    self.server = StatusServer(self.settings.http_addr, self._routes())
+                bind = self.settings.http_bind()
+                if bind is not None:
+                    self.server = StatusServer(self.settings.http_addr, bind, self._routes())
                     refused = self.metrics.http_rejected.labels("connection_limit")
                     self.server.on_refused = refused.inc
                     await self.server.start()

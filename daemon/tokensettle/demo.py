@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 
+from tokensettle.errors import EXIT_USAGE, CommandError
 from tokensettle.render import table
 from tokensettle.simulator.server import SIMULATOR_ADMIN_KEY, RunningSimulator
 
@@ -300,7 +301,18 @@ async def _demo(root: Path) -> int:
 
 
 def run_demo(root: Path = DEMO_DIR) -> int:
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
+    try:
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+    except OSError as exc:
+        try:
+            where = root.absolute()
+        except OSError:  # the working directory itself is gone
+            where = root
+        raise CommandError(
+            f"demo: cannot create {where} ({exc.strerror or exc}); run it from a "
+            "directory you can write, e.g. cd /tmp (in Docker: docker run -w /tmp IMAGE demo)",
+            EXIT_USAGE,
+        ) from None
     return asyncio.run(_demo(root))

@@ -3,13 +3,16 @@
 Checks: the configuration loaded; an admin key is set; the key can read usage (one tiny
 query for the last full minute); each framework that has runs has a scope (else the whole
 organisation's usage counts); the inotify watch limit covers the directories under the
-roots; each root exists and is writable; the state directory can be written.
+roots; each root exists and is writable; the state directory can be written; the HTTP
+address can be bound (a bind test of that address only, closed at once).
 
 The decisions are pure functions of what was observed (`inotify_check`, `root_verdict`,
-`state_dir_verdict`, `scope_check`, `api_error_check`, ...), so most tests need no I/O;
-`run_checks` gathers the observations. `render` gives one line per check and `exit_code`
-the command's status: 0 when everything is ok or only warned, 1 on any failure, 3 when the
-Usage API refused the key (the CLI's authentication exit code).
+`state_dir_verdict`, `http_verdict`, `scope_check`, `api_error_check`, ...), so most
+tests need no I/O; `run_checks` gathers the observations. The verdicts on what the
+settings name share their words with the daemon and the commands (`config.Problem`).
+`render` gives one line per check and `exit_code` the command's status: 0 when everything
+is ok or only warned, 1 on any failure, 3 when the Usage API refused the key (the CLI's
+authentication exit code); a configuration that does not load is the CLI's exit 2.
 """
 
 from __future__ import annotations
@@ -19,20 +22,33 @@ import errno
 import json
 import math
 import os
-import pwd
 import re
-import secrets
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
-from tokensettle.config import ConfigError, Settings
+import aiohttp
+
+from tokensettle import errors
+from tokensettle.config import (
+    ConfigError,
+    Problem,
+    Settings,
+    StateDirView,
+    current_user,
+    http_addr_problem,
+    look_at_state_dir,
+    probe_write,
+    root_problem,
+    stat_path,
+)
+from tokensettle.config import state_dir_verdict as state_dir_problem_of
 from tokensettle.discovery import Found, scan_all
+from tokensettle.serve import probe_bind
 from tokensettle.usage import Scope
 from tokensettle.usage_api import AuthError, UsageApiError, UsageClient
 from tokensettle.watcher import choose_mode, fs_type
@@ -44,6 +60,7 @@ __all__ = [
     "EXIT_AUTH",
     "EXIT_FAILED",
     "EXIT_OK",
+    "HTTP_CHECK",
     "INOTIFY_LIMIT_FILE",
     "Check",
     "admin_key_check",
@@ -55,6 +72,7 @@ __all__ = [
     "count_dirs",
     "exit_code",
     "framework_env_var",
+    "http_verdict",
     "inotify_check",
     "inotify_not_used",
     "last_full_minute",
@@ -68,7 +86,7 @@ __all__ = [
     "suggested_watch_limit",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_AUTH = 0, 1, 3
+EXIT_OK, EXIT_FAILED, EXIT_AUTH = errors.EXIT_OK, errors.EXIT_RUNS_FAILED, errors.EXIT_AUTH
 
 CONFIG_CHECK: Final = "config"
 KEY_CHECK: Final = "admin key"
@@ -76,6 +94,7 @@ API_CHECK: Final = "usage api"
 INOTIFY_CHECK: Final = "inotify watches"
 STATE_CHECK: Final = "state dir"
 SCOPES_CHECK: Final = "scopes"
+HTTP_CHECK: Final = "http addr"
 
 INOTIFY_LIMIT_FILE: Final = Path("/proc/sys/fs/inotify/max_user_watches")
 #: Fail when the roots need more than this share of the per-user watch limit...
@@ -84,7 +103,6 @@ INOTIFY_FAIL_SHARE: Final = 0.9
 INOTIFY_WARN_SHARE: Final = 0.5
 INOTIFY_SUGGESTED_MIN: Final = 524_288
 
-PROBE_PREFIX: Final = ".tokensettle-doctor-"
 CREATE_KEY_FIX: Final = (
     "create an admin key with api.usage.read (OpenAI platform: Organization settings > "
     "Admin keys) and set it as TOKENSETTLE_ADMIN_KEY or the admin_key credential file"
@@ -258,29 +276,9 @@ def root_verdict(
     probe file). `accessible` is `os.access(root, W_OK | X_OK)`; `reach_error` is why
     `stat` failed other than "no such file" (EACCES on a directory above it)."""
     name = f"runs dir {root}"
-    if reach_error is not None:
-        return Check(
-            name,
-            False,
-            f"cannot be reached by {user}: {reach_error.strerror or reach_error}",
-            f"give {user} search (x) permission on every directory above {root}; under "
-            "systemd, ProtectHome=yes hides /home (use ProtectHome=read-only)",
-        )
-    if not exists:
-        return Check(
-            name,
-            False,
-            "does not exist",
-            f"create it (mkdir -p {root}) or correct TOKENSETTLE_RUNS_DIRS / --runs-dir",
-        )
-    if not is_dir:
-        return Check(
-            name,
-            False,
-            "is not a directory",
-            "point TOKENSETTLE_RUNS_DIRS at the directory holding "
-            "<framework>/<run_id>/metrics.json",
-        )
+    problem = root_problem(root, exists=exists, is_dir=is_dir, reach_error=reach_error, user=user)
+    if problem is not None:
+        return _failed(name, problem, with_subject=False)
     if probe_error is not None and probe_error.errno == errno.EROFS:
         return Check(
             name,
@@ -304,53 +302,40 @@ def root_verdict(
     return Check(name, True, f"writable by {user}; {runs} run(s)")
 
 
-def state_dir_verdict(
-    state_dir: Path,
-    *,
-    inside_root: Path | None,
-    exists: bool,
-    is_dir: bool,
-    probe_error: OSError | None,
-    ancestor: Path | None,
-    ancestor_writable: bool,
-    user: str,
-) -> Check:
+def _failed(name: str, problem: Problem, *, with_subject: bool = True) -> Check:
+    detail = f"{problem.subject} {problem.what}" if with_subject else problem.what
+    return Check(name, False, detail, problem.fix)
+
+
+def state_dir_verdict(view: StateDirView, user: str) -> Check:
     """The state directory (SQLite index): outside the watched roots, and writable, or
-    creatable under its nearest existing `ancestor`."""
-    name = STATE_CHECK
-    fix_move = (
-        "set TOKENSETTLE_STATE_DIR to a local directory outside the runs (under systemd: "
-        "StateDirectory= gives /var/lib/tokensettle)"
-    )
-    if inside_root is not None:
-        return Check(
-            name,
-            False,
-            f"{state_dir} is inside the watched root {inside_root}",
-            fix_move,
-        )
-    if exists and not is_dir:
-        return Check(name, False, f"{state_dir} is not a directory", fix_move)
-    if exists:
-        if probe_error is None:
-            return Check(name, True, f"{state_dir} is writable by {user}")
-        return Check(
-            name,
-            False,
-            f"{state_dir} is not writable by {user}: {probe_error.strerror or probe_error}",
-            f"chown {user} {state_dir}, or {fix_move}",
-        )
-    if ancestor is not None and ancestor_writable:
-        return Check(
-            name, True, f"{state_dir} does not exist yet; it will be created in {ancestor}"
-        )
-    where = ancestor if ancestor is not None else state_dir.anchor
+    creatable under its nearest existing ancestor (the words are the daemon's)."""
+    problem = state_dir_problem_of(view, user)
+    if problem is not None:
+        return _failed(STATE_CHECK, problem)
+    if view.exists:
+        return Check(STATE_CHECK, True, f"{view.path} is writable by {user}")
     return Check(
-        name,
-        False,
-        f"{state_dir} does not exist and cannot be created ({where} is not writable by {user})",
-        f"mkdir -p {state_dir} && chown {user} {state_dir}, or {fix_move}",
+        STATE_CHECK, True, f"{view.path} does not exist yet; it will be created in {view.ancestor}"
     )
+
+
+def http_verdict(addr: str, error: OSError | None, *, daemon: str | None = None) -> Check:
+    """The HTTP address: free to bind (`error` None), or taken by a tokensettle daemon
+    that answers /healthz there (`daemon`, its version: a warning, as doctor is often run
+    beside the service), or unusable for the daemon's HTTP server."""
+    if not addr:
+        return Check(HTTP_CHECK, True, "disabled (empty HTTP_ADDR): no /healthz, /metrics, /runs")
+    if error is None:
+        return Check(HTTP_CHECK, True, f"{addr} is free")
+    if daemon is not None and error.errno == errno.EADDRINUSE:
+        return Check(
+            HTTP_CHECK,
+            None,
+            f"{addr} is served by a running tokensettle {daemon}; a second daemon with this "
+            "address would not start",
+        )
+    return _failed(HTTP_CHECK, http_addr_problem(addr, error))
 
 
 # --------------------------------------------------------------------------------------
@@ -390,29 +375,6 @@ def exit_code(checks: Iterable[Check]) -> int:
 # Observations (I/O)
 
 
-def _user() -> str:
-    uid = os.geteuid()
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
-def _probe_write(directory: Path) -> OSError | None:
-    """Create and delete `.tokensettle-doctor-<random>.tmp` in `directory`."""
-    probe = directory / f"{PROBE_PREFIX}{secrets.token_hex(4)}.tmp"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        return exc
-    os.close(fd)
-    try:
-        probe.unlink()
-    except OSError as exc:
-        return exc
-    return None
-
-
 def read_inotify_limit(path: Path = INOTIFY_LIMIT_FILE) -> int | None:
     """The per-user watch limit, or None where there is no such file (not Linux)."""
     try:
@@ -437,73 +399,57 @@ def count_dirs(root: Path) -> int:
     return count
 
 
-@dataclass(frozen=True, slots=True)
-class _Stat:
-    exists: bool
-    is_dir: bool
-    error: OSError | None = None  # e.g. EACCES on a directory above it
-
-
-def _stat(path: Path) -> _Stat:
-    """What `stat` says, without raising: pathlib's exists()/is_dir() raise on EACCES."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return _Stat(exists=False, is_dir=False)
-    except OSError as exc:
-        return _Stat(exists=False, is_dir=False, error=exc)
-    return _Stat(exists=True, is_dir=stat.S_ISDIR(st.st_mode))
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 def _root_check(root: Path, user: str, runs: int) -> Check:
-    found = _stat(root)
+    found = stat_path(root)
     accessible = found.is_dir and os.access(root, os.W_OK | os.X_OK)
     return root_verdict(
         root,
         exists=found.exists,
         is_dir=found.is_dir,
         accessible=accessible,
-        probe_error=_probe_write(root) if found.is_dir else None,
+        probe_error=probe_write(root) if found.is_dir else None,
         user=user,
         runs=runs,
         reach_error=found.error,
     )
 
 
-def _state_check(state_dir: Path, roots: Sequence[Path], user: str) -> Check:
-    inside = next((r for r in roots if _stat(r).is_dir and _inside(state_dir, r)), None)
-    found = _stat(state_dir)
-    probe = _probe_write(state_dir) if found.is_dir and inside is None else None
-    if found.error is not None:
-        probe = found.error
-    ancestor: Path | None = None
-    if not found.exists and found.error is None:
-        ancestor = next((p for p in state_dir.absolute().parents if _stat(p).exists), None)
-    ancestor_writable = (
-        ancestor is not None and _stat(ancestor).is_dir and os.access(ancestor, os.W_OK | os.X_OK)
+_LOOPBACK_FOR: Final = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - not bound here
+
+
+async def _daemon_at(host: str, port: int) -> str | None:
+    """The version of a tokensettle daemon answering /healthz at the address, or None."""
+    target = _LOOPBACK_FOR.get(host, host)
+    url = (
+        f"http://[{target}]:{port}/healthz" if ":" in target else f"http://{target}:{port}/healthz"
     )
-    return state_dir_verdict(
-        state_dir,
-        inside_root=inside,
-        exists=found.exists or found.error is not None,
-        is_dir=found.is_dir or found.error is not None,
-        probe_error=probe,
-        ancestor=ancestor,
-        ancestor_writable=ancestor_writable,
-        user=user,
-    )
+    body: Any = None
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as resp,
+        ):
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return None
+    if isinstance(body, dict) and {"version", "tracked_runs", "status"} <= body.keys():
+        return str(body["version"])
+    return None
+
+
+async def _http_check(settings: Settings) -> Check:
+    bind = settings.http_bind()
+    if bind is None:
+        return http_verdict("", None)
+    error = await asyncio.to_thread(probe_bind, *bind)
+    daemon = None
+    if error is not None and error.errno == errno.EADDRINUSE:
+        daemon = await _daemon_at(*bind)
+    return http_verdict(settings.http_addr, error, daemon=daemon)
 
 
 def _inotify(settings: Settings, limit_file: Path) -> Check | None:
-    roots = [r for r in settings.runs_dirs if _stat(r).is_dir]
+    roots = [r for r in settings.runs_dirs if stat_path(r).is_dir]
     watched = [r for r in roots if choose_mode(settings.watch_mode, fs_type(r)) == "inotify"]
     if not watched:
         if settings.watch_mode == "poll":
@@ -530,12 +476,13 @@ def _scan(roots: Sequence[Path]) -> list[Found]:
 
 
 def _filesystem_checks(settings: Settings, limit_file: Path) -> list[Check]:
-    user = _user()
+    user = current_user()
     roots = list(settings.runs_dirs)
     found = _scan(roots)
     per_root = Counter(f.root for f in found)
     checks = [_root_check(r, user, per_root[r]) for r in roots]
-    checks.append(_state_check(Path(settings.state_dir), roots, user))
+    view = look_at_state_dir(Path(settings.state_dir), roots, probe=True)
+    checks.append(state_dir_verdict(view, user))
     inotify = _inotify(settings, limit_file)
     if inotify is not None:
         checks.append(inotify)
@@ -572,18 +519,21 @@ async def run_checks(
     inotify_limit_file: Path = INOTIFY_LIMIT_FILE,
     api_timeout: float = 60.0,
 ) -> list[Check]:
-    """Every check, in a stable order: config, admin key, Usage API, runs dirs, state dir,
-    inotify, scopes. The API query runs while the file system is looked at.
+    """Every check, in a stable order: config, admin key, Usage API, HTTP address, runs
+    dirs, state dir, inotify, scopes. The API query and the bind test run while the file
+    system is looked at.
 
     `client` may be None when there is no key to build one with. Give the CLI's client few
     retries (e.g. `RetryPolicy(attempts=2)`): a doctor should answer in seconds.
     """
     head = [config_check(settings), admin_key_check(bool(settings.secret_key()))]
     api = asyncio.create_task(_api_check(settings, client, clock(), api_timeout))
+    http = asyncio.create_task(_http_check(settings))
     try:
         files = await asyncio.to_thread(_filesystem_checks, settings, inotify_limit_file)
     except BaseException:
-        api.cancel()
-        await asyncio.gather(api, return_exceptions=True)
+        for task in (api, http):
+            task.cancel()
+        await asyncio.gather(api, http, return_exceptions=True)
         raise
-    return [*head, await api, *files]
+    return [*head, await api, await http, *files]

@@ -26,7 +26,10 @@ def parse_duration(value: object) -> timedelta:
             )
         raise ValueError(f"'{text}' is not a duration; use a number and a unit, e.g. 90s, 30m, 24h")
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # beyond timedelta's 999,999,999 days
+        raise ValueError(f"'{text.strip()}' is too long to be a duration") from None
 
 
 def parse_cli_duration(value: str, bare_unit: Literal["m", "h"]) -> timedelta:

@@ -25,6 +25,7 @@ from tokensettle.atomic import (
     UnsafeFileError,
     check_inside,
     read_snapshot,
+    remove_stale_temps,
 )
 from tokensettle.attribution import Attribution, Owner, Share, attribute, rows_of
 from tokensettle.config import Settings
@@ -367,8 +368,22 @@ class Reconciler:
     async def run_once(
         self, selection: Selection = Selection(), *, dry_run: bool = False
     ) -> BatchReport:
-        """Survey the roots and make one attempt for every due run (the cron command)."""
-        loaded = await asyncio.to_thread(self.survey)
+        """Survey the roots and make one attempt for every due run (the cron command).
+        Temp files left by an interrupted write of ours are removed on the way (not by
+        `list`, which only reads)."""
+
+        def survey_and_sweep() -> list[Loaded]:
+            temps: list[str] = []
+            found = scan_all(list(self.settings.runs_dirs), temps=temps)
+            if not dry_run:
+                sweep = remove_stale_temps(temps)
+                for path in sweep.removed:
+                    log.info("run.temp_removed", path=str(path))
+                for path, why in sweep.failed:
+                    log.warning("run.temp_not_removed", path=str(path), error=why)
+            return load_runs(found, self.grace)
+
+        loaded = await asyncio.to_thread(survey_and_sweep)
         return await self.run_batch(loaded, selection, dry_run=dry_run)
 
     async def run_batch(

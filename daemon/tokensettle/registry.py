@@ -10,7 +10,6 @@ derived from them again.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,8 +18,8 @@ from typing import Any
 
 import structlog
 
-from tokensettle.discovery import RUN_FILE, SYMLINK_REASON, Found, found_of, run_entries
-from tokensettle.discovery import framework_of as _framework_of
+from tokensettle.atomic import TempSweep, remove_stale_temps
+from tokensettle.discovery import RUN_FILE, Found, found_at, found_of, run_entries
 from tokensettle.index import FileKey, Finished, Index
 from tokensettle.reconcile import Loaded, RunRef, load_runs, window_problem
 from tokensettle.runfile import RunRecord, iso
@@ -77,6 +76,11 @@ class _Scan:
     finished: list[Finished] = field(default_factory=list)
     other: list[tuple[FileKey, Loaded]] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
+    #: what discovery saw but does not yield: FIFOs or directories named metrics.json,
+    #: symlinked directories (reported as `skipped`), and our own temp files
+    skipped: list[Found] = field(default_factory=list)
+    temps: list[str] = field(default_factory=list)
+    sweep: TempSweep = field(default_factory=TempSweep)
 
 
 def finished_row(key: FileKey, record: RunRecord) -> Finished:
@@ -146,16 +150,11 @@ class Registry:
             return _Probe(path, ignore=True)
         try:
             key = FileKey.of(path)
+            found = found_at(path, root)
         except OSError:
             return _Probe(path)
         if self.index.lookup(key) is not None:
             return _Probe(path, key, finished=True)
-        found = Found(
-            path,
-            root,
-            _framework_of(path),
-            SYMLINK_REASON if os.path.islink(path) else None,
-        )
         (loaded,) = load_runs([found], self._grace())
         if echo is not None and loaded.snapshot is not None and loaded.snapshot.digest == echo:
             return _Probe(path, key)  # the event of our own write: nothing new
@@ -168,7 +167,7 @@ class Registry:
         scan = _Scan()
         grace = self._grace()
         for root in self.roots:
-            for entry in run_entries(root):
+            for entry in run_entries(root, skipped=scan.skipped, temps=scan.temps):
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -182,6 +181,16 @@ class Registry:
                     scan.finished.append(finished_row(key, loaded.record))
                 else:
                     scan.other.append((key, loaded))
+        for found in scan.skipped:
+            try:
+                key = FileKey.of(found.path)
+            except OSError:
+                continue
+            scan.seen.add(str(found.path))
+            scan.other.append((key, load_runs([found], grace)[0]))
+        # A write killed half-way leaves a temp file of ours: only stale ones go (no write
+        # of ours holds them, their writer is gone), found in the listing just made.
+        scan.sweep = remove_stale_temps(scan.temps)
         return scan
 
     # ------------------------------------------------------------------ looking (loop)
@@ -351,11 +360,16 @@ class Registry:
         missing = [p for p in known if p not in scan.seen]
         if missing:
             self.index.forget(missing)
+        for path in scan.sweep.removed:
+            log.info("daemon.temp_removed", path=str(path), reason="left by an interrupted write")
+        for path, why in scan.sweep.failed:
+            log.warning("daemon.temp_not_removed", path=str(path), error=why)
         return {
             "reason": reason,
             "parsed": len(scan.finished) + len(scan.other),
             "skipped_finished": len(known) - len(missing),
             "tracked": len(self.tracked),
+            "temps_removed": len(scan.sweep.removed),
         }
 
     # ------------------------------------------------------------------ for a poll round

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from tokensettle.config import http_addr_problem
+
 log = structlog.get_logger("tokensettle.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -28,12 +30,7 @@ _BUSY = (
 
 
 class BindError(Exception):
-    """The address cannot be listened on. `str()` is one line naming it."""
-
-
-def split_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    """The address cannot be listened on. `str()` is one line naming the setting."""
 
 
 class _Refuse(asyncio.Protocol):
@@ -88,6 +85,7 @@ class StatusServer:
     def __init__(
         self,
         addr: str,
+        bind: tuple[str, int],
         routes: dict[str, Handler],
         *,
         max_connections: int = 64,
@@ -95,6 +93,7 @@ class StatusServer:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.addr = addr
+        self.bind = bind
         self.routes = routes
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
@@ -118,7 +117,7 @@ class StatusServer:
             )
 
     async def start(self) -> None:
-        host, port = split_addr(self.addr)
+        host, port = self.bind
         app = web.Application()
         for path, handler in self.routes.items():
             app.router.add_get(path, handler)
@@ -131,10 +130,7 @@ class StatusServer:
             await site.start()
         except OSError as exc:
             await runner.cleanup()
-            raise BindError(
-                f"http_addr (TOKENSETTLE_HTTP_ADDR): cannot listen on {self.addr}: "
-                f"{exc.strerror or exc}; choose a free port, or set it empty to disable"
-            ) from None
+            raise BindError(str(http_addr_problem(self.addr, exc))) from None
         self._runner = runner
         log.info("http.listening", addr=self.addr, max_connections=self.max_connections)
 
@@ -144,19 +140,24 @@ class StatusServer:
             self._runner = None
 
 
-def can_bind(addr: str) -> str | None:
-    """None if `addr` could be listened on now, else why not (one line). For doctor and
-    for the daemon's checks before it starts anything."""
+def probe_bind(host: str, port: int) -> OSError | None:
+    """Bind `host:port` as the server will (every address the name resolves to,
+    SO_REUSEADDR, IPv6 sockets v6-only) and close at once; the OSError if that fails.
+    Nothing is listened on or sent. The daemon calls it before starting anything, doctor
+    to check the configuration."""
     try:
-        host, port = split_addr(addr)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (ValueError, OSError) as exc:
-        return f"cannot resolve {addr}: {exc}"
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+        )
+    except OSError as exc:  # socket.gaierror: the name does not resolve
+        return exc
+    for family, kind, proto, _, address in infos:
         try:
-            s.bind(sockaddr)
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
         except OSError as exc:
-            return f"cannot listen on {addr}: {exc.strerror or exc}"
+            return exc
     return None

@@ -46,13 +46,6 @@ class Written:
         return self.error is not None
 
 
-def _redact(data: bytes, secrets: Sequence[str]) -> bytes:
-    for secret in secrets:
-        if secret and secret.encode() in data:
-            data = data.replace(secret.encode(), b"[redacted]")
-    return data
-
-
 class RunWriter:
     """Patches run files through atomic compare-and-swap rewrites."""
 
@@ -80,8 +73,8 @@ class RunWriter:
             if current.window != record.window:
                 return None
             doc = load_document(raw)
-            out = detect_style(raw).dumps(apply_patch(doc, patch, current.steps, append_attempt))
-            return _redact(out, self.secrets)
+            patched = apply_patch(doc, patch, current.steps, append_attempt, redact=self.secrets)
+            return detect_style(raw).dumps(patched)
 
         try:
             result = rewrite(record.path, transform, first=first)

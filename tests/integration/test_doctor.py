@@ -13,14 +13,16 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 
+from tests.support.daemon import free_port
 from tests.support.runs import SimControl
-from tokensettle.config import Settings, load_settings
+from tokensettle.config import PROBE_PREFIX, Settings, load_settings
 from tokensettle.doctor import (
     API_CHECK,
     CREATE_KEY_FIX,
     EXIT_AUTH,
     EXIT_FAILED,
     EXIT_OK,
+    HTTP_CHECK,
     Check,
     exit_code,
     last_full_minute,
@@ -56,6 +58,7 @@ def make_settings(
         "runs_dirs": [tmp_path / "runs"],
         "api_base_url": base_url,
         "state_dir": tmp_path / "state",
+        "http_addr": f"127.0.0.1:{free_port()}",
         **values,
     }
     if key is not None:
@@ -84,9 +87,7 @@ def by_name(checks: list[Check]) -> dict[str, Check]:
 
 
 def no_probe_left(*directories: Path) -> bool:
-    return not any(
-        p.name.startswith(".tokensettle-doctor-") for d in directories for p in d.rglob("*")
-    )
+    return not any(p.name.startswith(PROBE_PREFIX) for d in directories for p in d.rglob("*"))
 
 
 def assert_key_hidden(checks: list[Check], key: str) -> None:
@@ -110,6 +111,7 @@ async def test_a_healthy_setup_is_all_ok(
         "config",
         "admin key",
         API_CHECK,
+        HTTP_CHECK,
         f"runs dir {root}",
         "state dir",
         "inotify watches",
@@ -413,3 +415,51 @@ async def test_polling_needs_no_watches(tmp_path: Path, sim: RunningSimulator) -
     settings = make_settings(tmp_path, sim.base_url, None, environ=SCOPED, watch_mode="poll")
     check = by_name(await run_checks(settings, None, inotify_limit_file=limit))["inotify watches"]
     assert check == Check("inotify watches", True, "not used: watch_mode=poll")
+
+
+# --------------------------------------------------------------------------------------
+# HTTP address
+
+
+async def test_a_free_http_addr_is_ok_and_left_free(tmp_path: Path, sim: RunningSimulator) -> None:
+    make_runs(tmp_path / "runs", "chatdev/r1")
+    port = free_port()
+    settings = make_settings(
+        tmp_path, sim.base_url, None, environ=SCOPED, http_addr=f"127.0.0.1:{port}"
+    )
+    check = by_name(await run_checks(settings, None))[HTTP_CHECK]
+    assert check == Check(HTTP_CHECK, True, f"127.0.0.1:{port} is free")
+    with socket.socket() as again:  # the bind test closed its socket
+        again.bind(("127.0.0.1", port))
+
+
+async def test_an_http_addr_in_use_fails_with_the_daemons_words(
+    tmp_path: Path, sim: RunningSimulator
+) -> None:
+    make_runs(tmp_path / "runs", "chatdev/r1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = make_settings(tmp_path, sim.base_url, None, environ=SCOPED, http_addr=addr)
+        checks = await run_checks(settings, None)
+    check = by_name(checks)[HTTP_CHECK]
+    assert check.ok is False
+    assert check.detail == f"{addr} is in use by another process"
+    assert check.fix is not None and "choose a free port" in check.fix
+    assert exit_code(checks) == EXIT_FAILED
+
+
+async def test_an_address_not_of_this_machine_fails(tmp_path: Path, sim: RunningSimulator) -> None:
+    make_runs(tmp_path / "runs", "chatdev/r1")
+    # TEST-NET-1 (RFC 5737): never assigned to an interface, so bind() says EADDRNOTAVAIL.
+    settings = make_settings(tmp_path, sim.base_url, None, environ=SCOPED, http_addr="192.0.2.1:80")
+    check = by_name(await run_checks(settings, None))[HTTP_CHECK]
+    assert check.ok is False
+    assert check.detail == "192.0.2.1:80 is not an address of this machine (192.0.2.1)"
+
+
+async def test_no_http_server_is_fine(tmp_path: Path, sim: RunningSimulator) -> None:
+    make_runs(tmp_path / "runs", "chatdev/r1")
+    settings = make_settings(tmp_path, sim.base_url, None, environ=SCOPED, http_addr="")
+    assert by_name(await run_checks(settings, None))[HTTP_CHECK].ok is True

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tokensettle.config import ConfigError, frameworks_from_env, load_settings
+from tokensettle.config import ConfigError, StateDirView, frameworks_from_env, load_settings
 from tokensettle.doctor import (
     API_CHECK,
     CREATE_KEY_FIX,
@@ -304,18 +304,20 @@ def _state(
     is_dir: bool = True,
     probe_error: OSError | None = None,
     ancestor: Path | None = None,
+    ancestor_is_dir: bool = True,
     ancestor_writable: bool = False,
 ) -> Check:
-    return state_dir_verdict(
+    view = StateDirView(
         STATE,
         inside_root=inside_root,
         exists=exists,
         is_dir=is_dir,
-        probe_error=probe_error,
+        write_error=probe_error,
         ancestor=ancestor,
+        ancestor_is_dir=ancestor_is_dir,
         ancestor_writable=ancestor_writable,
-        user="tokensettle",
     )
+    return state_dir_verdict(view, "tokensettle")
 
 
 def test_a_writable_state_dir_is_ok() -> None:
@@ -330,7 +332,16 @@ def test_a_state_dir_inside_a_root_fails() -> None:
 
 
 def test_a_state_dir_that_is_a_file_fails() -> None:
-    assert _state(is_dir=False).ok is False
+    check = _state(is_dir=False)
+    assert check.ok is False
+    assert check.detail == f"{STATE} is not a directory"
+    assert check.fix is not None and "TOKENSETTLE_STATE_DIR" in check.fix
+
+
+def test_a_state_dir_under_a_file_cannot_be_created() -> None:
+    check = _state(exists=False, is_dir=False, ancestor=Path("/var/lib"), ancestor_is_dir=False)
+    assert check.ok is False
+    assert check.detail == f"{STATE} cannot be created: /var/lib is a file"
 
 
 def test_an_unwritable_state_dir_fails() -> None:

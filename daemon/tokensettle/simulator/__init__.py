@@ -1,43 +1,36 @@
 """The built-in fake OpenAI Usage API (`tokensettle simulate`, tests, demo, benchmarks).
 
 `scenario` is the pure model (virtual requests, revisions, the page answer); `server` is
-the aiohttp.web layer with faults and control endpoints.
+the aiohttp.web layer with faults and control endpoints; `cli` the command's options.
+Names are imported on first use, so building the command line does not load aiohttp.
 """
 
-from tokensettle.simulator.scenario import (
-    SIMULATOR_ADMIN_KEY,
-    ApiError,
-    Fault,
-    Revision,
-    Scenario,
-    ScenarioError,
-    UsageQuery,
-    VirtualRequest,
-)
-from tokensettle.simulator.server import (
-    USAGE_PATH,
-    LogEntry,
-    RunningSimulator,
-    create_app,
-    load_scenario_file,
-    run_simulator_cli,
-    serve_forever,
-)
+from __future__ import annotations
 
-__all__ = [
-    "SIMULATOR_ADMIN_KEY",
-    "USAGE_PATH",
-    "ApiError",
-    "Fault",
-    "LogEntry",
-    "Revision",
-    "RunningSimulator",
-    "Scenario",
-    "ScenarioError",
-    "UsageQuery",
-    "VirtualRequest",
-    "create_app",
-    "load_scenario_file",
-    "run_simulator_cli",
-    "serve_forever",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "SIMULATOR_ADMIN_KEY": "scenario",
+    "ApiError": "scenario",
+    "Fault": "scenario",
+    "Revision": "scenario",
+    "Scenario": "scenario",
+    "ScenarioError": "scenario",
+    "UsageQuery": "scenario",
+    "VirtualRequest": "scenario",
+    "USAGE_PATH": "server",
+    "LogEntry": "server",
+    "RunningSimulator": "server",
+    "create_app": "server",
+    "load_scenario_file": "server",
+    "serve_forever": "server",
+}
+
+__all__ = sorted(_WHERE)  # noqa: PLE0605
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -15,20 +15,26 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
 from tokensettle.logs import configure
-from tokensettle.simulator.scenario import FAULT_KINDS, SIMULATOR_ADMIN_KEY, Scenario, ScenarioError
-from tokensettle.simulator.seed import (
+from tokensettle.simulator.scenario import (
     DEFAULT_SEED_MODEL,
     DEFAULT_SEED_PROJECT,
-    SeedIdentity,
-    key_ids,
-    plan_seed,
+    FAULT_KINDS,
+    SIMULATOR_ADMIN_KEY,
+    Scenario,
+    ScenarioError,
 )
-from tokensettle.simulator.server import load_scenario_file, serve_forever
+
+if TYPE_CHECKING:
+    from tokensettle.simulator.seed import SeedIdentity
+
+# The seed and the server load the settings model and aiohttp: only `main` imports them,
+# so that building the command line stays cheap for every other command.
+# ruff: noqa: PLC0415
 
 EXIT_OK, EXIT_USAGE = 0, 2
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -149,6 +155,8 @@ def _listen_problem(exc: OSError, host: str, port: int) -> str:
 
 def _seed(args: argparse.Namespace, scenario: Scenario, identity: SeedIdentity) -> None:
     """Add the runs under `--seed-from` to `scenario`, logging what was seeded."""
+    from tokensettle.simulator.seed import plan_seed
+
     plan = plan_seed(args.seed_from, identity, registered_at=time.time())
     log = structlog.get_logger("tokensettle.simulator")
     for skip in plan.skipped:
@@ -180,6 +188,9 @@ def _seed(args: argparse.Namespace, scenario: Scenario, identity: SeedIdentity) 
 
 def main(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM: exit 0; a bad option, scenario or address: one line, 2."""
+    from tokensettle.simulator.seed import SeedIdentity, key_ids
+    from tokensettle.simulator.server import load_scenario_file, serve_forever
+
     host, port = args.host, args.port
     problem = _address_problem(host, port)
     if problem is not None:

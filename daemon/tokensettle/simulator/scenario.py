@@ -42,6 +42,9 @@ from typing import Any, Final
 from tokensettle.usage import ALL_FIELDS, REQUIRED_FIELDS, Usage, UsageRow
 from tokensettle.windows import floor_minute
 
+#: What `simulate --seed-from` records runs under when it is not told otherwise.
+DEFAULT_SEED_PROJECT: Final = "proj_simulator"
+DEFAULT_SEED_MODEL: Final = "gpt-4o-mini-2024-07-18"
 #: Admin key the simulator accepts when the scenario names no admin keys (dev and demo).
 SIMULATOR_ADMIN_KEY: Final = "sk-admin-simulator-0000"
 

@@ -36,12 +36,16 @@ from tokensettle.attribution import apportion, split_usage
 from tokensettle.config import frameworks_from_env
 from tokensettle.discovery import scan_all
 from tokensettle.runfile import BLOCK, RunFileError, RunRecord, load_document, parse_run
-from tokensettle.simulator.scenario import Revision, ScenarioError, VirtualRequest
+from tokensettle.simulator.scenario import (
+    DEFAULT_SEED_MODEL,
+    DEFAULT_SEED_PROJECT,
+    Revision,
+    ScenarioError,
+    VirtualRequest,
+)
 from tokensettle.usage import Usage
 from tokensettle.windows import MINUTE, Activity, floor_minute
 
-DEFAULT_SEED_PROJECT: Final = "proj_simulator"
-DEFAULT_SEED_MODEL: Final = "gpt-4o-mini-2024-07-18"
 #: A run active longer than this is not spread (one bad timestamp would mean millions of
 #: virtual requests); it is skipped with that reason.
 MAX_SEED_MINUTES: Final = 7 * 1440

@@ -55,7 +55,6 @@ __all__ = [
     "RunningSimulator",
     "create_app",
     "load_scenario_file",
-    "run_simulator_cli",
     "serve_forever",
 ]
 
@@ -540,14 +539,3 @@ async def serve_forever(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-
-
-def run_simulator_cli(host: str, port: int, scenario_file: Path | None) -> int:
-    """`tokensettle simulate --host --port --scenario` as the top-level CLI calls it today;
-    the same as `tokensettle.simulator.cli.main` (which owns the options)."""
-    from tokensettle.simulator import cli  # noqa: PLC0415 - cli imports this module
-
-    argv = ["--host", host, "--port", str(port)]
-    if scenario_file is not None:
-        argv += ["--scenario", str(scenario_file)]
-    return cli.main(cli.build_parser().parse_args(argv))
