@@ -13,6 +13,8 @@ block                  Usage API field               meaning
 input.total            input_tokens                  all input, incl. cached + cache-write
 input.cached           input_cached_tokens           read from the cache
 input.cache_write      input_cache_write_tokens      written to the cache
+input.cache_write_30m  input_cache_write_30m_tokens  of those, kept 30 minutes
+input.cache_write_12h  input_cache_write_12h_tokens  of those, kept 12 hours
 input.uncached         input_uncached_tokens         neither read from nor written to it
 input.uncached_text    input_text_tokens             uncached text input
 input.uncached_audio   input_audio_tokens            uncached audio input
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokensettle.attribution import Share
-from tokensettle.usage import ALL_FIELDS, OPTIONAL_FIELDS, Usage
+from tokensettle.usage import ALL_FIELDS, ALL_OPTIONAL_FIELDS, Usage
 
 #: block group -> (block name, Usage API field), in output order.
 LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
@@ -50,6 +52,8 @@ LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("total", "input_tokens"),
         ("cached", "input_cached_tokens"),
         ("cache_write", "input_cache_write_tokens"),
+        ("cache_write_30m", "input_cache_write_30m_tokens"),
+        ("cache_write_12h", "input_cache_write_12h_tokens"),
         ("uncached", "input_uncached_tokens"),
         ("uncached_text", "input_text_tokens"),
         ("uncached_audio", "input_audio_tokens"),
@@ -78,6 +82,7 @@ IDENTITIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("input_cached_text_tokens", "input_cached_audio_tokens", "input_cached_image_tokens"),
     ),
     ("output_tokens", ("output_text_tokens", "output_audio_tokens", "output_image_tokens")),
+    ("input_cache_write_tokens", ("input_cache_write_30m_tokens", "input_cache_write_12h_tokens")),
 )
 
 NO_MODEL = "(no model)"
@@ -158,7 +163,7 @@ def counts_json(usage: Usage) -> dict[str, Any]:
 
 def not_carried(usage: Usage) -> list[str]:
     """Block names of the optional fields this usage does not carry."""
-    return [BLOCK_NAME[name] for name in OPTIONAL_FIELDS if getattr(usage, name) is None]
+    return [BLOCK_NAME[name] for name in ALL_OPTIONAL_FIELDS if getattr(usage, name) is None]
 
 
 def _difference(total: Usage, part: Usage) -> Usage:

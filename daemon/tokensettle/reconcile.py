@@ -270,7 +270,14 @@ def describe(
             continue
         status = record.status or Status.PENDING
         due = next_due(record.attempts, record.status, record.end, policy)
-        message = record.message or ("waiting for min age" if not record.attempts else "")
+        if record.message:
+            message = record.message
+        elif record.attempts:
+            message = ""
+        elif due is not None and due <= now:
+            message = "min age reached: due at the next reconcile or daemon tick"
+        else:
+            message = "waiting for min age"
         out.append(_outcome(entry, status.value, message, next_due=due))
     return out
 

@@ -11,17 +11,6 @@ from tokensettle.durations import human_duration
 from tokensettle.reconcile import BatchReport, RunOutcome
 from tokensettle.runfile import iso
 
-#: What `reconcile.describe` says of a run never polled, whether or not its min age is past.
-_WAITING = "waiting for min age"
-
-
-def detail(o: RunOutcome, now: datetime) -> str:
-    """The run's message, made to agree with its next poll: a run never polled whose
-    first poll is due is no longer waiting for anything."""
-    if o.message == _WAITING and o.next_due is not None and o.next_due <= now:
-        return "min age reached: due at the next reconcile or daemon tick"
-    return o.message
-
 
 def next_poll(o: RunOutcome, now: datetime) -> str:
     if o.next_due is None:
@@ -62,7 +51,7 @@ def outcome_json(o: RunOutcome, now: datetime) -> dict[str, Any]:
         "run_id": o.run_id,
         "path": str(o.path),
         "status": o.state,
-        "message": detail(o, now),
+        "message": o.message,
         "attempts": o.attempts,
         "age_seconds": int(age.total_seconds()) if age is not None else None,
         "run_end": iso(o.run_end) if o.run_end else None,
@@ -99,7 +88,7 @@ def report_human(report: BatchReport, now: datetime) -> str:
     shown = [o for o in report.outcomes if o.polled or o.state in ("error", "skipped", "expired")]
     if shown:
         rows = [
-            [o.framework, o.run_id or o.path.parent.name, o.state, _tokens(o), detail(o, now)]
+            [o.framework, o.run_id or o.path.parent.name, o.state, _tokens(o), o.message]
             for o in sorted(shown, key=lambda o: (o.framework, o.run_id or ""))
         ]
         lines += ["", table(["FRAMEWORK", "RUN", "STATUS", "TOKENS", "DETAIL"], rows)]
@@ -120,7 +109,7 @@ def list_human(outcomes: Sequence[RunOutcome], now: datetime) -> str:
             o.state,
             str(o.attempts),
             next_poll(o, now),
-            detail(o, now),
+            o.message,
         ]
         for o in sorted(outcomes, key=lambda o: (o.framework, o.run_end or now))
     ]

@@ -34,7 +34,7 @@ OPTIONAL_FIELDS: tuple[str, ...] = (
 #: Optional fields the official SDK (openai 3.57.0, generated from a newer spec than our
 #: extract) knows and the extract does not: cache writes split by retention. "May be absent
 #: or null for older responses"; together they make up `input_cache_write_tokens`.
-#: Kept apart from OPTIONAL_FIELDS until the breakdown lays them out (breakdown.LAYOUT).
+#: Kept apart from OPTIONAL_FIELDS, which is the extract's list (the contract tests).
 SDK_OPTIONAL_FIELDS: tuple[str, ...] = (
     "input_cache_write_30m_tokens",
     "input_cache_write_12h_tokens",

@@ -24,7 +24,7 @@ from tokensettle.breakdown import (
     usage_notes,
     usage_problems,
 )
-from tokensettle.usage import OPTIONAL_FIELDS, Usage
+from tokensettle.usage import ALL_OPTIONAL_FIELDS, Usage
 
 SNAPSHOT = "gpt-4o-mini-2024-07-18"
 OLD_STYLE = Usage(
@@ -35,7 +35,7 @@ OLD_STYLE = Usage(
 def test_every_usage_field_has_one_place_in_the_block() -> None:
     placed = [api for pairs in LAYOUT.values() for _, api in pairs] + ["num_model_requests"]
     assert sorted(placed) == sorted(
-        {*OPTIONAL_FIELDS, "input_tokens", "output_tokens", "num_model_requests"}
+        {*ALL_OPTIONAL_FIELDS, "input_tokens", "output_tokens", "num_model_requests"}
     )
     assert len(placed) == len(set(placed))
 
@@ -53,7 +53,7 @@ def test_old_buckets_report_only_what_they_carry() -> None:
     assert "input.uncached" in absent
     assert "output.audio" in absent
     assert "input.cached" not in absent
-    assert len(absent) == len(OPTIONAL_FIELDS) - 1
+    assert len(absent) == len(ALL_OPTIONAL_FIELDS) - 1
 
 
 def test_no_cache_field_means_no_cached_share_and_no_cached_tokens_value() -> None:
@@ -78,6 +78,8 @@ def test_full_new_style_breakdown() -> None:
         num_model_requests=4,
         input_cached_tokens=400,
         input_cache_write_tokens=100,
+        input_cache_write_30m_tokens=60,
+        input_cache_write_12h_tokens=40,
         input_uncached_tokens=500,
         input_text_tokens=450,
         input_audio_tokens=30,
@@ -97,6 +99,8 @@ def test_full_new_style_breakdown() -> None:
         "total": 1_000,
         "cached": 400,
         "cache_write": 100,
+        "cache_write_30m": 60,
+        "cache_write_12h": 40,
         "uncached": 500,
         "uncached_text": 450,
         "uncached_audio": 30,
@@ -308,7 +312,7 @@ def consistent_usage(draw: st.DrawFn) -> Usage:
         **parts,
     )
     # drop a random subset of optional fields: absent, as in old buckets
-    dropped = draw(st.sets(st.sampled_from(OPTIONAL_FIELDS)))
+    dropped = draw(st.sets(st.sampled_from(ALL_OPTIONAL_FIELDS)))
     return usage.replace(**dict.fromkeys(dropped))
 
 
@@ -325,7 +329,7 @@ def test_consistent_usage_has_no_problems_and_a_share_in_range(usage: Usage) -> 
         assert 0.0 <= share <= 1.0
     counts = counts_json(usage)
     reported = sum(len(group) for group in (counts["input"], counts["output"]))
-    assert reported == 2 + sum(1 for f in OPTIONAL_FIELDS if getattr(usage, f) is not None)
+    assert reported == 2 + sum(1 for f in ALL_OPTIONAL_FIELDS if getattr(usage, f) is not None)
 
 
 @settings(max_examples=200)
@@ -336,3 +340,23 @@ def test_cached_beyond_input_is_always_caught(usage: Usage, excess: int) -> None
         "input_cached_tokens" in p and "exceeds input_tokens" in p for p in usage_problems(bad)
     )
     assert cached_tokens_value(bad) is None
+
+
+def test_cache_writes_by_retention_are_laid_out_and_checked() -> None:
+    # The SDK's newer fields: cache writes split into 30-minute and 12-hour retention.
+    usage = Usage(
+        1000,
+        100,
+        1,
+        input_cached_tokens=200,
+        input_cache_write_tokens=300,
+        input_cache_write_30m_tokens=100,
+        input_cache_write_12h_tokens=200,
+        input_uncached_tokens=500,
+    )
+    out = build_breakdown(usage, {}).to_json()
+    assert out["total"]["input"]["cache_write_30m"] == 100
+    assert out["total"]["input"]["cache_write_12h"] == 200
+    assert "input.cache_write_30m" not in out["not_carried"]
+    bad = usage.replace(input_cache_write_12h_tokens=250)
+    assert any("input_cache_write_tokens" in p for p in build_breakdown(bad, {}).problems)
