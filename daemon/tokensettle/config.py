@@ -204,6 +204,8 @@ class Settings(BaseSettings):
     local_tolerance: float = Field(default=0.05, ge=0, le=10)
     state_dir: Path = Path.home() / ".local" / "state" / "tokensettle"
     http_addr: str = "127.0.0.1:9464"
+    #: with it, everything on HTTP_ADDR but /healthz and /metrics needs `Bearer <token>`
+    http_token: SecretStr | None = None
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     config: Path | None = None
@@ -303,6 +305,9 @@ class Settings(BaseSettings):
 
     def secret_key(self) -> str | None:
         return self.admin_key.get_secret_value() if self.admin_key is not None else None
+
+    def http_secret(self) -> str | None:
+        return self.http_token.get_secret_value() if self.http_token is not None else None
 
 
 def secrets_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:

@@ -45,6 +45,7 @@ from tokensettle.config import (
 )
 from tokensettle.health import Faults, status
 from tokensettle.index import Index
+from tokensettle.live import LiveReport
 from tokensettle.logs import configure
 from tokensettle.metrics import CONTENT_TYPE, Metrics
 from tokensettle.poller import Poller
@@ -97,6 +98,7 @@ class Daemon:
         self.poller: Poller | None = None
         self.reconciler: Reconciler | None = None
         self.server: StatusServer | None = None
+        self.live = LiveReport(lambda: self.settings, self.roots)
         self.next_rescan = 0.0
         self.exit_code = EXIT_OK
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +130,15 @@ class Daemon:
                 "daemon.reload_failed", error=str(exc), action="keeping the running configuration"
             )
             return
-        restart = ("runs_dirs", "http_addr", "state_dir", "api_base_url", "admin_key", "watch_mode")
+        restart = (
+            "runs_dirs",
+            "http_addr",
+            "http_token",
+            "state_dir",
+            "api_base_url",
+            "admin_key",
+            "watch_mode",
+        )
         needs_restart = [n for n in restart if getattr(fresh, n) != getattr(self.settings, n)]
         self.settings = fresh
         self.grid.tick = self._tick
@@ -196,7 +206,20 @@ class Daemon:
             assert self.registry is not None
             return web.json_response(self.registry.runs_json(request.query.get("framework")))
 
-        return {"/healthz": healthz, "/metrics": metrics, "/runs": runs}
+        async def page(_: web.Request) -> web.Response:
+            built = await self.live.get()
+            return web.Response(text=built.html, content_type="text/html", charset="utf-8")
+
+        async def report(_: web.Request) -> web.Response:
+            return web.json_response((await self.live.get()).json)
+
+        return {
+            "/healthz": healthz,
+            "/metrics": metrics,
+            "/runs": runs,
+            "/": page,
+            "/report.json": report,
+        }
 
     async def _watchdog_pings(self, period: float) -> None:
         while not self.stop_event.is_set():
@@ -354,7 +377,12 @@ class Daemon:
                 )
                 bind = self.settings.http_bind()
                 if bind is not None:
-                    self.server = StatusServer(self.settings.http_addr, bind, self._routes())
+                    self.server = StatusServer(
+                        self.settings.http_addr,
+                        bind,
+                        self._routes(),
+                        token=self.settings.http_secret(),
+                    )
                     refused = self.metrics.http_rejected.labels("connection_limit")
                     self.server.on_refused = refused.inc
                     await self.server.start()
@@ -436,7 +464,7 @@ def run_daemon(overrides: Mapping[str, Any], config_file: Path | None) -> int:
         level=settings.log_level,
         fmt=settings.log_format,
         stream=sys.stdout,
-        secrets=[settings.secret_key() or ""],
+        secrets=[settings.secret_key() or "", settings.http_secret() or ""],
     )
 
     def reload() -> Settings:

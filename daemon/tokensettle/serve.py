@@ -11,12 +11,15 @@ logged at most once a minute. Handlers only read what the other rooms keep in me
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import socket
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from tokensettle.config import http_addr_problem
 
@@ -81,6 +84,37 @@ class BoundedSite(web.BaseSite):
         )
 
 
+#: Paths a monitoring system polls: never behind the token.
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "this path needs Authorization: Bearer <TOKENSETTLE_HTTP_TOKEN>"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="tokensettle"'},
+                )
+        return await handler(request)
+
+    return guard
+
+
 class StatusServer:
     def __init__(
         self,
@@ -88,6 +122,7 @@ class StatusServer:
         bind: tuple[str, int],
         routes: dict[str, Handler],
         *,
+        token: str | None = None,
         max_connections: int = 64,
         idle_timeout: float = 15.0,
         monotonic: Callable[[], float] = time.monotonic,
@@ -95,6 +130,7 @@ class StatusServer:
         self.addr = addr
         self.bind = bind
         self.routes = routes
+        self.token = token
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.refused = 0
@@ -118,7 +154,7 @@ class StatusServer:
 
     async def start(self) -> None:
         host, port = self.bind
-        app = web.Application()
+        app = web.Application(middlewares=[_guard(self.token)] if self.token else [])
         for path, handler in self.routes.items():
             app.router.add_get(path, handler)
         runner = web.AppRunner(
@@ -132,7 +168,19 @@ class StatusServer:
             await runner.cleanup()
             raise BindError(str(http_addr_problem(self.addr, exc))) from None
         self._runner = runner
-        log.info("http.listening", addr=self.addr, max_connections=self.max_connections)
+        log.info(
+            "http.listening",
+            addr=self.addr,
+            max_connections=self.max_connections,
+            token_required=self.token is not None,
+        )
+        if self.token is None and not is_loopback(host):
+            log.warning(
+                "http.unprotected",
+                addr=self.addr,
+                detail="listening beyond loopback without TOKENSETTLE_HTTP_TOKEN: anyone who "
+                "can reach it sees the runs and the report",
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:

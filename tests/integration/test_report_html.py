@@ -16,16 +16,17 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
-import subprocess
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.support.browser import (
+    assert_screenshot_has_content,
+    chromium,
+    dump_dom,
+)
 from tokensettle.report import RunSummary, render_html
 
 END = datetime(2025, 10, 19, 10, 41, 18, tzinfo=UTC)
@@ -70,74 +71,6 @@ def _runs() -> list[RunSummary]:
     ]
 
 
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium to run this check)")
-    return path
-
-
-def _chromium_args(binary: str, profile: Path, width: int = 1200) -> list[str]:
-    return [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-default-apps",
-        "--no-first-run",
-        "--no-default-browser-check",
-        f"--user-data-dir={profile}",
-        "--host-resolver-rules=MAP * ~NOTFOUND",
-        f"--window-size={width},2000",
-    ]
-
-
-def _run(args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=90, check=False)
-
-
-def _load_netlog(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        log: dict[str, Any] = json.loads(text)
-    except json.JSONDecodeError:  # a log cut at exit lacks its closing brackets
-        log = json.loads(text.rstrip().rstrip(",") + "]}")
-    return log
-
-
-def page_requests(netlog: Path) -> list[str]:
-    """URLs of network requests the page itself started (not Chromium's own)."""
-    log = _load_netlog(netlog)
-    names = {v: k for k, v in log["constants"]["logEventTypes"].items()}
-    urls: list[str] = []
-    for event in log["events"]:
-        params = event.get("params") or {}
-        if names.get(event["type"]) != "URL_REQUEST_START_JOB" or "url" not in params:
-            continue
-        if params.get("initiator") == "not an origin":
-            continue  # the browser's background traffic, not the page's
-        if not params["url"].startswith(("file:", "data:", "chrome:")):
-            urls.append(params["url"])
-    return urls
-
-
-def _dump(binary: str, page: Path, work: Path, width: int = 1200) -> tuple[str, list[str]]:
-    netlog = work / "netlog.json"
-    result = _run(
-        [
-            *_chromium_args(binary, work / "profile", width),
-            f"--log-net-log={netlog}",
-            "--dump-dom",
-            page.as_uri(),
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout, page_requests(netlog)
-
-
 @pytest.fixture
 def report_file(tmp_path: Path) -> Path:
     page = render_html(_runs(), generated_at=END, title="tokensettle report <test>")
@@ -154,8 +87,8 @@ def report_file(tmp_path: Path) -> Path:
 def test_report_renders_in_headless_chromium_without_requests(
     report_file: Path, tmp_path: Path
 ) -> None:
-    binary = _chromium()
-    dom, requests = _dump(binary, report_file, tmp_path)
+    binary = chromium()
+    dom, requests = dump_dom(binary, report_file, tmp_path)
     assert requests == []
     # the browser parsed the inline SVG into elements (not text), with their shapes
     for chart in CHARTS:
@@ -196,13 +129,13 @@ document.body.setAttribute("data-layout", JSON.stringify({
 
 @pytest.mark.parametrize("width", [1440, 500])  # 500: the narrowest headless window
 def test_no_table_column_is_cut_off(report_file: Path, tmp_path: Path, width: int) -> None:
-    binary = _chromium()
+    binary = chromium()
     probe = tmp_path / "probe.html"
     probe.write_text(
         report_file.read_text(encoding="utf-8").replace("</body>", _LAYOUT_PROBE + "</body>"),
         encoding="utf-8",
     )
-    dom, _ = _dump(binary, probe, tmp_path, width)
+    dom, _ = dump_dom(binary, probe, tmp_path, width)
     found = re.search(r'data-layout="([^"]*)"', dom)
     assert found is not None, dom[-2000:]
     layout = json.loads(html.unescape(found.group(1)))
@@ -213,31 +146,17 @@ def test_no_table_column_is_cut_off(report_file: Path, tmp_path: Path, width: in
 
 
 def test_the_request_check_sees_a_page_that_fetches(tmp_path: Path) -> None:
-    binary = _chromium()
+    binary = chromium()
     probe = tmp_path / "probe.html"
     probe.write_text(
         '<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/probe.png">'
         '<svg><image href="http://probe.invalid/x.png"/></svg></body></html>',
         encoding="utf-8",
     )
-    _, requests = _dump(binary, probe, tmp_path)
+    _, requests = dump_dom(binary, probe, tmp_path)
     assert "http://127.0.0.1:9/probe.png" in requests
     assert "http://probe.invalid/x.png" in requests
 
 
 def test_report_screenshot_has_content(report_file: Path, tmp_path: Path) -> None:
-    binary = _chromium()
-    shot = tmp_path / "report.png"
-    result = _run(
-        [
-            *_chromium_args(binary, tmp_path / "profile"),
-            f"--screenshot={shot}",
-            report_file.as_uri(),
-        ]
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    data = shot.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (width, height) == (1200, 2000)
-    assert len(data) > 20_000  # a blank page compresses to a few kB
+    assert_screenshot_has_content(chromium(), report_file.as_uri(), tmp_path)
