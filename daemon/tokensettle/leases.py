@@ -496,7 +496,10 @@ async def ensure_service_account(
     """
     if configured:
         return ServiceAccountRecord(configured, project_id, configured, now, created_by_us=False)
-    known = await asyncio.to_thread(lambda: store.load().service_account_for(project_id))
+    try:
+        known = (await asyncio.to_thread(store.load)).service_account_for(project_id)
+    except LeaseStoreError:
+        known = None  # damaged: set aside below, under the lock
     if known is not None:
         return known
     async with store.alocked():
