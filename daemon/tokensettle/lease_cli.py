@@ -165,7 +165,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _ttl(text: str) -> timedelta:
-    ttl = parse_duration(text)
+    try:
+        ttl = parse_duration(text)
+    except ValueError as exc:  # argparse would say only "invalid _ttl value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if not timedelta(seconds=1) <= ttl <= _MAX_TTL:
         raise argparse.ArgumentTypeError(f"{text!r} must be between 1s and 365d")
     return ttl
