@@ -27,9 +27,8 @@ from urllib.parse import quote
 import aiohttp
 import structlog
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from tokensettle.usage_api import RetryPolicy, parse_retry_after, read_capped
+from tokensettle.usage_api import ApiRequestError, RetryPolicy, parse_retry_after, request_capped
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -52,7 +51,6 @@ __all__ = [
 
 #: Admin objects are small: a page of 100 keys is ~60 KB. A larger body is not read.
 DEFAULT_MAX_BODY_BYTES: Final = 1024 * 1024
-_ERROR_BODY_LIMIT: Final = 64 * 1024
 _MESSAGE_LIMIT: Final = 300
 _REDACTED: Final = "[REDACTED]"
 #: Secret keys as OpenAI writes them (sk-..., sk-proj-..., sk-svcacct-..., sk-admin-...).
@@ -68,11 +66,9 @@ log = structlog.get_logger("tokensettle.admin_api")
 # Errors
 
 
-class AdminApiError(Exception):
+class AdminApiError(ApiRequestError):
     """An Admin API request failed. `retryable`: trying again later may help. `code` is
     the error envelope's `code` where the server gave one."""
-
-    retryable: bool = False
 
     def __init__(
         self,
@@ -83,18 +79,8 @@ class AdminApiError(Exception):
         retry_after: float | None = None,
         attempt: int | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status, retry_after=retry_after, attempt=attempt)
         self.code = code
-        self.retry_after = retry_after
-        self.attempt = attempt
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, status={self.status!r})"
 
 
 class AdminAuthError(AdminApiError):
@@ -506,17 +492,6 @@ class AdminClient:
         text = mask_secrets(text)
         return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + "..."
 
-    def _should_retry(self, exc: BaseException) -> bool:
-        if not isinstance(exc, AdminApiError) or not exc.retryable:
-            return False
-        return exc.retry_after is None or exc.retry_after <= self._retry.max_retry_after
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, AdminApiError) and exc.retry_after is not None:
-            return exc.retry_after
-        return self._retry.backoff(state.attempt_number, self._rng)
-
     async def _request(
         self,
         method: Method,
@@ -526,13 +501,7 @@ class AdminClient:
         payload: Mapping[str, Any] | None = None,
     ) -> object:
         """The decoded JSON of a 200 answer, after retries; else the typed error."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retry.attempts),
-            wait=self._wait,
-            retry=retry_if_exception(self._should_retry),
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in self._retry.retrying(self._rng):
             with attempt:
                 number = attempt.retry_state.attempt_number
                 return await self._send(method, path, params, payload, number)
@@ -551,22 +520,17 @@ class AdminClient:
         async with self._limiter:
             self._requests_sent += 1
             began = time.monotonic()
-            status: int | None = None
             try:
-                async with self._session.request(
+                answer = await request_capped(
+                    self._session,
                     method,
                     self._base + path,
-                    params=list(params) or None,
-                    json=payload,
-                    headers={"Authorization": f"Bearer {self.__key}"},
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    status = resp.status
-                    limit = self._max_body_bytes if status == 200 else _ERROR_BODY_LIMIT
-                    raw, complete = await read_capped(resp.content, limit)
-                    headers = dict(resp.headers.items())
-                    reason = resp.reason or ""
+                    key=self.__key,
+                    client_timeout=self._timeout,
+                    ok_limit=self._max_body_bytes,
+                    params=params,
+                    payload=payload,
+                )
             except TimeoutError:
                 self._log(what, None, attempt, began, error="timeout")
                 raise AdminTransportError(
@@ -574,22 +538,29 @@ class AdminClient:
                     attempt=attempt,
                 ) from None
             except aiohttp.ClientError as exc:
-                self._log(what, status, attempt, began, error=type(exc).__name__)
+                self._log(what, None, attempt, began, error=type(exc).__name__)
                 raise AdminTransportError(
                     f"Admin API {what} failed: {type(exc).__name__}: "
                     f"{self._redact(str(exc))} ({of})",
                     attempt=attempt,
                 ) from None
+        status = answer.status
         self._log(what, status, attempt, began)
         if status == 200:
-            if not complete:
+            if not answer.complete:
                 raise _malformed(what, f"larger than {self._max_body_bytes:,} bytes; not read")
             try:
-                return json.loads(raw)
+                return json.loads(answer.body)
             except (ValueError, RecursionError):
                 raise _malformed(what, "the body is not JSON") from None
         raise self._status_error(
-            what, status, reason=reason, headers=headers, raw=raw, of=of, attempt=attempt
+            what,
+            status,
+            reason=answer.reason,
+            headers=answer.headers,
+            raw=answer.body,
+            of=of,
+            attempt=attempt,
         )
 
     def _status_error(

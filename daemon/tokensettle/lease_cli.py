@@ -440,6 +440,13 @@ def _setup(args: argparse.Namespace) -> tuple[Settings, LeaseStore]:
     return settings, LeaseStore(settings.state_dir)
 
 
+def _book(store: LeaseStore) -> LeaseBook:
+    try:
+        return store.load()
+    except LeaseStoreError as exc:
+        raise LeaseProblem(str(exc), EXIT_FAILED) from None
+
+
 def _key(settings: Settings) -> str:
     return settings.secret_key() or ""
 
@@ -491,8 +498,8 @@ async def run_child(argv: Sequence[str], env: Mapping[str, str]) -> int:
     return 128 - code if code < 0 else code
 
 
-async def _exec(args: argparse.Namespace) -> int:
-    argv = _resolve_command(args.cmd)
+async def _lease_for(args: argparse.Namespace) -> tuple[Settings, LeaseStore, _Minted]:
+    """`exec` and `new`: check the run directory, then make the lease the options ask for."""
     run_dir = _check_run_dir(args.run_dir)
     settings, store = _setup(args)
     ttl = args.ttl or settings.lease_ttl
@@ -501,6 +508,13 @@ async def _exec(args: argparse.Namespace) -> int:
         minted = await _mint(
             settings, client, store, framework=args.framework, run_dir=run_dir, ttl=ttl
         )
+    return settings, store, minted
+
+
+async def _exec(args: argparse.Namespace) -> int:
+    argv = _resolve_command(args.cmd)
+    settings, store, minted = await _lease_for(args)
+    run_dir = minted.run_dir
     # From here the value is a secret of this process: mask it in our own log lines too.
     configure(
         level=settings.log_level,
@@ -537,15 +551,10 @@ def _env_lines(env: Mapping[str, str]) -> str:
 
 
 async def _new(args: argparse.Namespace) -> int:
-    run_dir = _check_run_dir(args.run_dir)
-    settings, store = _setup(args)
-    ttl = args.ttl or settings.lease_ttl
-    async with aiohttp.ClientSession() as session:
-        client = admin_client(settings, session)
-        minted = await _mint(
-            settings, client, store, framework=args.framework, run_dir=run_dir, ttl=ttl
-        )
-    env = lease_variables(minted.key, minted.declaration, framework=args.framework, run_dir=run_dir)
+    _, _, minted = await _lease_for(args)
+    env = lease_variables(
+        minted.key, minted.declaration, framework=args.framework, run_dir=minted.run_dir
+    )
     if args.format == "json":
         out = {
             "key_id": minted.key.id,
@@ -578,10 +587,7 @@ def _list(args: argparse.Namespace) -> int:
 
     _, store = _setup(args)
     now = datetime.now(UTC)
-    try:
-        book = store.load()
-    except LeaseStoreError as exc:
-        raise LeaseProblem(str(exc), EXIT_FAILED) from None
+    book = _book(store)
     if args.json:
         _emit(
             json.dumps(
@@ -672,10 +678,7 @@ async def _revoke(args: argparse.Namespace) -> int:
         raise LeaseProblem(f"revoke: {bad[0][:64]!r} is not a key id (key_...)")
     settings, store = _setup(args)
     now = datetime.now(UTC)
-    try:
-        book = store.load()
-    except LeaseStoreError as exc:
-        raise LeaseProblem(str(exc), EXIT_FAILED) from None
+    book = _book(store)
     chosen, notes = _select(args, settings, book.leases, now)
     for note in notes:
         _emit(note)

@@ -407,19 +407,20 @@ class LeaseStore:
         # Not thread-local: `alocked` acquires in a worker thread and releases in the loop.
         return FileLock(str(self.lock_path), timeout=self._lock_timeout, thread_local=False)
 
-    def _timeout(self) -> LeaseStoreError:
-        return LeaseStoreError(
-            f"{self.lock_path}: held by another process for over {self._lock_timeout:g}s"
-        )
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold `leases.json.lock` (creating the state directory if needed)."""
+    def _acquired(self) -> FileLock:
         lock = self._lock()
         try:
             lock.acquire()
         except TimeoutError:
-            raise self._timeout() from None
+            raise LeaseStoreError(
+                f"{self.lock_path}: held by another process for over {self._lock_timeout:g}s"
+            ) from None
+        return lock
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold `leases.json.lock` (creating the state directory if needed)."""
+        lock = self._acquired()
         try:
             yield
         finally:
@@ -429,11 +430,7 @@ class LeaseStore:
     async def alocked(self) -> AsyncIterator[None]:
         """`locked()` for coroutines that await while holding it: the wait for the lock
         happens in a worker thread, so the event loop keeps running meanwhile."""
-        lock = await asyncio.to_thread(self._lock)
-        try:
-            await asyncio.to_thread(lock.acquire)
-        except TimeoutError:
-            raise self._timeout() from None
+        lock = await asyncio.to_thread(self._acquired)
         try:
             yield
         finally:

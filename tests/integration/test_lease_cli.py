@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tokensettle import lease_cli
 from tokensettle.simulator import RunningSimulator, Scenario
@@ -114,7 +115,10 @@ def cli(
         monkeypatch.setenv("TOKENSETTLE_STATE_DIR", str(tmp_path / "state"))
         monkeypatch.setenv("TOKENSETTLE_LOG_FORMAT", "json")
         monkeypatch.setenv("TOKENSETTLE_REQUEST_ATTEMPTS", "2")
-        yield Cli(sim, tmp_path, monkeypatch, capsys)
+        try:
+            yield Cli(sim, tmp_path, monkeypatch, capsys)
+        finally:
+            structlog.reset_defaults()  # the CLI bound its logs to this test's stderr
 
 
 def message_lines(err: str) -> list[str]:

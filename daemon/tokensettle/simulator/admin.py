@@ -710,7 +710,11 @@ class AdminModel:
 
     # ------------------------------------------------------------------ model calls
 
-    def _record(self, key: SimKey, model: str, usage: Usage, now: float) -> VirtualRequest:
+    def _record(
+        self, key: SimKey, model: str, prompt: int, completion: int, now: float
+    ) -> VirtualRequest:
+        """The call as the provider records it: one request, no cached tokens."""
+        usage = Usage(prompt, completion, 1, input_cached_tokens=0)
         key.calls += 1
         key.last_used_at = int(now)
         return VirtualRequest(
@@ -736,8 +740,6 @@ class AdminModel:
         out = body.get("max_completion_tokens") or body.get("max_tokens") or self.output_tokens
         prompt = _tokens_for(sum(_text_chars(m.get("content")) for m in messages))
         completion = int(out) * int(n)
-        usage = Usage(input_tokens=prompt, output_tokens=completion, num_model_requests=1)
-        usage = usage.replace(input_cached_tokens=0)
         created = int(now)
         answer = {
             "id": f"chatcmpl-{secrets.token_hex(12)}",
@@ -772,7 +774,7 @@ class AdminModel:
             },
             "service_tier": "default",
         }
-        return ModelCall(answer, self._record(key, body["model"], usage, now))
+        return ModelCall(answer, self._record(key, body["model"], prompt, completion, now))
 
     def response(self, key: SimKey, body: Mapping[str, Any], now: float) -> ModelCall:
         _check_fields(body, _RESPONSES_FIELDS, required=("model", "input"))
@@ -787,8 +789,6 @@ class AdminModel:
         chars = _text_chars(body.get("instructions")) + _text_chars(body["input"])
         prompt = _tokens_for(chars)
         completion = int(out_limit or self.output_tokens)
-        usage = Usage(input_tokens=prompt, output_tokens=completion, num_model_requests=1)
-        usage = usage.replace(input_cached_tokens=0)
         created = int(now)
         answer = {
             "id": f"resp_{secrets.token_hex(16)}",
@@ -832,7 +832,7 @@ class AdminModel:
                 "total_tokens": prompt + completion,
             },
         }
-        return ModelCall(answer, self._record(key, body["model"], usage, now))
+        return ModelCall(answer, self._record(key, body["model"], prompt, completion, now))
 
 
 def _model_common(body: Mapping[str, Any]) -> None:
