@@ -64,6 +64,7 @@ from tokensettle.leases import (
     effective_state,
     ensure_service_account,
     mint_lease,
+    remembered_service_account,
     revoke,
 )
 from tokensettle.logs import configure
@@ -326,20 +327,13 @@ async def _mint(
     run_dir: Path | None,
     ttl: timedelta,
 ) -> _Minted:
-    """Check the project, find or create the service account, mint the key, record the
-    lease and write the declaration. On any failure after the key exists, the key is
-    deleted again (best effort) and LeaseProblem raised: the command is not run."""
+    """Find or create the service account, mint the key, record the lease and write the
+    declaration: two admin requests per run once the account exists (this create and the
+    delete at revocation). The project is checked on first use, and whenever a create is
+    refused, so the one line says what to fix. After the key exists, any failure deletes
+    it again (best effort) and raises LeaseProblem: the command is not run."""
     project_id = _project(settings)
     now = datetime.now(UTC)
-    try:
-        project = await client.get_project(project_id)
-    except AdminApiError as exc:
-        raise _admin_problem(exc, doing="project", settings=settings) from None
-    if project.archived:
-        raise LeaseProblem(
-            f"lease_project (TOKENSETTLE_LEASE_PROJECT): {project_id} is archived; "
-            "name an active project"
-        )
     lease, key = await _mint_key(
         settings, client, store, project_id, now, framework=framework, run_dir=run_dir, ttl=ttl
     )
@@ -370,6 +364,9 @@ async def _mint_key(
     """The service account (configured, remembered or new) and a key of it. A remembered
     account that was deleted since (404) is forgotten and replaced once."""
     configured = settings.lease_service_account
+    known = configured or remembered_service_account(store, project_id)
+    if known is None:
+        await _check_project(client, settings)  # first use: say what is wrong with it
     for attempt in (1, 2):
         try:
             account = await ensure_service_account(
@@ -381,15 +378,33 @@ async def _mint_key(
             return await mint_lease(
                 store, client, account, ttl=ttl, now=now, framework=framework, run_dir=run_dir
             )
-        except AdminNotFoundError as exc:
-            if not account.created_by_us or attempt == 2:
+        except AdminAuthError as exc:
+            raise _admin_problem(exc, doing="key", settings=settings) from None
+        except AdminApiError as exc:
+            if isinstance(exc, AdminRequestError | AdminNotFoundError):
+                await _check_project(client, settings)  # archived or gone since?
+            if not isinstance(exc, AdminNotFoundError) or not account.created_by_us:
+                raise _admin_problem(exc, doing="key", settings=settings) from None
+            if attempt == 2:
                 raise _admin_problem(exc, doing="key", settings=settings) from None
             await asyncio.to_thread(
                 store.update, functools.partial(_forget_account, project_id, account.id)
             )
-        except AdminApiError as exc:
-            raise _admin_problem(exc, doing="key", settings=settings) from None
     raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+async def _check_project(client: AdminClient, settings: Settings) -> None:
+    """LeaseProblem when the lease project is unknown, archived or not readable."""
+    project_id = _project(settings)
+    try:
+        project = await client.get_project(project_id)
+    except AdminApiError as exc:
+        raise _admin_problem(exc, doing="project", settings=settings) from None
+    if project.archived:
+        raise LeaseProblem(
+            f"lease_project (TOKENSETTLE_LEASE_PROJECT): {project_id} is archived; "
+            "name an active project"
+        )
 
 
 def _forget_account(project_id: str, account_id: str, book: LeaseBook) -> LeaseBook:

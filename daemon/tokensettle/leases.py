@@ -64,6 +64,7 @@ __all__ = [
     "is_due",
     "key_name",
     "mint_lease",
+    "remembered_service_account",
     "revoke",
     "revoke_due",
     "revoke_failed",
@@ -474,6 +475,15 @@ class LeaseStore:
 # Minting and revoking (I/O)
 
 
+def remembered_service_account(store: LeaseStore, project_id: str) -> ServiceAccountRecord | None:
+    """The service account remembered for `project_id`; None when there is none or the
+    book is damaged (the next change under the lock sets it aside)."""
+    try:
+        return store.load().service_account_for(project_id)
+    except LeaseStoreError:
+        return None
+
+
 async def ensure_service_account(
     store: LeaseStore,
     client: AdminClient,
@@ -493,10 +503,7 @@ async def ensure_service_account(
     """
     if configured:
         return ServiceAccountRecord(configured, project_id, configured, now, created_by_us=False)
-    try:
-        known = (await asyncio.to_thread(store.load)).service_account_for(project_id)
-    except LeaseStoreError:
-        known = None  # damaged: set aside below, under the lock
+    known = await asyncio.to_thread(remembered_service_account, store, project_id)
     if known is not None:
         return known
     async with store.alocked():

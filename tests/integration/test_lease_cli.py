@@ -321,3 +321,36 @@ def test_the_hook_for_the_top_level_cli() -> None:
     assert args.cmd == ["--", sys.executable, "-V"]
     args = parser.parse_args(["lease", "revoke", "key_a", "key_b", "--settled"])
     assert (args.key_ids, args.settled, args.expired) == (["key_a", "key_b"], True, False)
+
+
+def test_two_admin_requests_per_run_once_the_account_exists(cli: Cli) -> None:
+    """The issue's goal: create and delete. The project is checked on first use only."""
+    assert cli.run("exec", "--", "true")[0] == 0
+    first = [f"{e.method} {e.path.rsplit('/', 1)[-1]}" for e in cli.sim.call_log]
+    assert first == ["GET proj_leases", "POST service_accounts", "POST api_keys"]
+    before = len(cli.sim.call_log)
+    assert cli.run("exec", "--", "true")[0] == 0
+    key = cli.minted()[-1]
+    assert cli.run("revoke", key.id)[0] == 0
+    assert [e.method for e in cli.sim.call_log[before:]] == ["POST", "DELETE"]
+
+
+def test_a_project_archived_since_the_first_lease_is_named(cli: Cli) -> None:
+    assert cli.run("exec", "--", "true")[0] == 0
+    cli.control("admin", {"projects": [{"id": LEASES, "archived": True}]})
+    marker = cli.tmp / "ran"
+    code, _, err = cli.run("exec", "--", "touch", str(marker))
+    assert code == 2 and message_lines(err) == [
+        f"tokensettle lease: lease_project (TOKENSETTLE_LEASE_PROJECT): {LEASES} is archived; "
+        "name an active project"
+    ]
+    assert not marker.exists()
+
+
+def test_a_remembered_service_account_deleted_since_is_replaced(cli: Cli) -> None:
+    assert cli.run("exec", "--", "true")[0] == 0
+    cli.sim.admin.service_accounts.clear()  # deleted in the dashboard
+    assert cli.run("exec", "--", "true")[0] == 0
+    assert len(cli.sim.admin.service_accounts) == 1
+    book = json.loads((cli.state / "leases.json").read_text())
+    assert [a["id"] for a in book["service_accounts"]] == list(cli.sim.admin.service_accounts)
