@@ -674,6 +674,20 @@ def _log_outcome(outcome: RevokeOutcome, lease: Lease | None) -> None:
         )
 
 
+def _has_work(
+    book: LeaseBook, settled: frozenset[str], adoptable: Sequence[LeaseDeclaration], now: datetime
+) -> bool:
+    """Whether a round would change or delete anything (pure; no logging)."""
+    if any(book.get(d.key_id) is None for d in adoptable):
+        return True
+    return any(
+        (lease.state is LeaseState.ACTIVE and lease.key_id in settled)
+        or expire(lease, now) != lease
+        or is_due(lease, now)
+        for lease in book.leases
+    )
+
+
 async def revoke_due(
     store: LeaseStore,
     client: AdminClient,
@@ -696,15 +710,18 @@ async def revoke_due(
     `lease_project`, so its key is still deleted; other projects are never touched.
     """
     settled = frozenset(settled_key_ids)
+    adoptable = [d for d in declared if d.project_id == lease_project and d.key_id in settled]
+    try:
+        current = await asyncio.to_thread(store.load)
+    except LeaseStoreError:
+        current = None  # damaged: the locked update below sets it aside
+    if current is not None and not _has_work(current, settled, adoptable, now):
+        return []  # an idle round takes no lock and writes nothing
     due: list[Lease] = []
 
     def mark(book: LeaseBook) -> LeaseBook:
-        for decl in declared:
-            if (
-                decl.project_id == lease_project
-                and decl.key_id in settled
-                and book.get(decl.key_id) is None
-            ):
+        for decl in adoptable:
+            if book.get(decl.key_id) is None:
                 adopted = Lease(
                     key_id=decl.key_id,
                     project_id=decl.project_id,

@@ -288,3 +288,19 @@ async def test_a_lost_book_still_revokes_declared_leases_of_the_lease_project(
     # without lease_project nothing is adopted
     other = LeaseStore(tmp_path / "other")
     assert await revoke_due(other, client, ids, datetime.now(UTC), declared=declared) == []
+
+
+async def test_an_idle_round_touches_nothing(
+    store: LeaseStore, client: AdminClient, sim: RunningSimulator
+) -> None:
+    """The daemon calls revoke_due every round: without leases it creates no file, and with
+    nothing to do it neither rewrites the book nor sends a request."""
+    assert await revoke_due(store, client, {"key_x"}, datetime.now(UTC)) == []
+    assert not store.state_dir.exists()
+    await mint(store, client, 2)
+    before = (store.path.read_bytes(), store.path.stat().st_mtime_ns, len(sim.call_log))
+    (store.state_dir / "leases.json.lock").unlink()
+    assert await revoke_due(store, client, {"key_x"}, datetime.now(UTC)) == []
+    after = (store.path.read_bytes(), store.path.stat().st_mtime_ns, len(sim.call_log))
+    assert after == before
+    assert not (store.state_dir / "leases.json.lock").exists()  # no lock was taken
