@@ -210,6 +210,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     config: Path | None = None
     frameworks: dict[str, FrameworkScope] = Field(default_factory=dict)
+    # Leases (tokensettle.lease_cli): the named project that holds per-run keys, their
+    # lifetime (the Admin API allows 1 s to 365 d), and an existing service account.
+    lease_project: str | None = Field(default=None, pattern=r"^proj_[A-Za-z0-9_-]+$")
+    lease_ttl: Duration = Field(
+        default=timedelta(hours=24), ge=timedelta(seconds=1), le=timedelta(days=365)
+    )
+    lease_service_account: str | None = None
 
     @field_validator("window_grace")
     @classmethod

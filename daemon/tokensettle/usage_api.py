@@ -38,8 +38,10 @@ __all__ = [
     "DEFAULT_MAX_PAGE_BYTES",
     "GROUP_BY",
     "USAGE_PATH",
+    "ApiRequestError",
     "AuthError",
     "BadRequestError",
+    "CappedAnswer",
     "FetchResult",
     "Filters",
     "MalformedResponseError",
@@ -56,6 +58,7 @@ __all__ = [
     "decode_page",
     "parse_page",
     "query_params",
+    "request_capped",
 ]
 
 USAGE_PATH: Final = "/organization/usage/completions"
@@ -77,8 +80,10 @@ log = structlog.get_logger("tokensettle.usage_api")
 # Errors
 
 
-class UsageApiError(Exception):
-    """A Usage API request failed. `retryable` says whether trying again later may help."""
+class ApiRequestError(Exception):
+    """An HTTP API request failed (the base of `UsageApiError` and of the Admin API's
+    `AdminApiError`). `retryable` says whether trying again later may help; `str()` is
+    the one-line message, never holding a secret."""
 
     retryable: bool = False
 
@@ -101,6 +106,10 @@ class UsageApiError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, status={self.status!r})"
+
+
+class UsageApiError(ApiRequestError):
+    """A Usage API request failed. `retryable` says whether trying again later may help."""
 
 
 class AuthError(UsageApiError):
@@ -181,6 +190,34 @@ class RetryPolicy:
         """Full jitter: uniform in [0, min(cap, base * 2**(n-1))] after the n-th failure."""
         ceiling = min(self.cap, self.base * 2.0 ** (failed_attempt - 1))
         return rng.uniform(0.0, ceiling)
+
+    def retrying(self, rng: random.Random) -> AsyncRetrying:
+        """tenacity's loop for one HTTP request (shared by the Usage and Admin clients).
+
+        An error is tried again when its `retryable` attribute is true, after its
+        `retry_after` seconds when it carries one, else after `backoff`; an error asking
+        for more than `max_retry_after` fails at once (waiting that long is the caller's
+        decision). The last error is re-raised."""
+
+        def should_retry(exc: BaseException) -> bool:
+            if not getattr(exc, "retryable", False):
+                return False
+            retry_after = getattr(exc, "retry_after", None)
+            return retry_after is None or retry_after <= self.max_retry_after
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                return float(retry_after)
+            return self.backoff(state.attempt_number, rng)
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait,
+            retry=retry_if_exception(should_retry),
+            reraise=True,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +396,47 @@ async def read_capped(content: aiohttp.StreamReader, limit: int) -> tuple[bytear
     return buf, True
 
 
+@dataclass(frozen=True, slots=True)
+class CappedAnswer:
+    """An HTTP answer read up to a cap: `complete` is false when the body went past it."""
+
+    status: int
+    body: bytearray
+    complete: bool
+    headers: dict[str, str]
+    reason: str
+
+
+async def request_capped(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    key: str,
+    client_timeout: aiohttp.ClientTimeout,
+    ok_limit: int,
+    params: Sequence[tuple[str, str]] | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> CappedAnswer:
+    """One request with `key` as the bearer credential (only in that header), no
+    redirects, the body of a 200 read up to `ok_limit` bytes and of any other answer up to
+    64 KiB. Raises TimeoutError and aiohttp.ClientError as they come."""
+    async with session.request(
+        method,
+        url,
+        params=list(params) if params else None,
+        json=payload,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=client_timeout,
+        allow_redirects=False,
+    ) as resp:
+        limit = ok_limit if resp.status == 200 else _ERROR_BODY_LIMIT
+        body, complete = await read_capped(resp.content, limit)
+        return CappedAnswer(
+            resp.status, body, complete, dict(resp.headers.items()), resp.reason or ""
+        )
+
+
 def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
     """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or HTTP date);
     header names are matched case-insensitively. None when absent or unusable."""
@@ -478,28 +556,11 @@ class UsageClient:
             params=query_params(base),
         )
 
-    def _should_retry(self, exc: BaseException) -> bool:
-        if not isinstance(exc, UsageApiError) or not exc.retryable:
-            return False
-        return exc.retry_after is None or exc.retry_after <= self._retry.max_retry_after
-
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, UsageApiError) and exc.retry_after is not None:
-            return exc.retry_after
-        return self._retry.backoff(state.attempt_number, self._rng)
-
     async def _get_page(
         self, pairs: list[tuple[str, str]], interval: Interval, page_no: int
     ) -> tuple[Page, int]:
         """The page and the number of HTTP requests it took (retries included)."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retry.attempts),
-            wait=self._wait,
-            retry=retry_if_exception(self._should_retry),
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in self._retry.retrying(self._rng):
             with attempt:
                 number = attempt.retry_state.attempt_number
                 return await self._send(pairs, interval, page_no, number), number
@@ -513,20 +574,16 @@ class UsageClient:
         async with self._limiter:
             self._requests_sent += 1
             began = time.monotonic()
-            status: int | None = None
             try:
-                async with self._session.get(
+                answer = await request_capped(
+                    self._session,
+                    "GET",
                     self._url,
+                    key=self.__key,
+                    client_timeout=self._timeout,
+                    ok_limit=self._max_page_bytes,
                     params=pairs,
-                    headers={"Authorization": f"Bearer {self.__key}"},
-                    timeout=self._timeout,
-                    allow_redirects=False,
-                ) as resp:
-                    status = resp.status
-                    limit = self._max_page_bytes if status == 200 else _ERROR_BODY_LIMIT
-                    body, complete = await read_capped(resp.content, limit)
-                    headers = dict(resp.headers.items())
-                    reason = resp.reason or ""
+                )
             except TimeoutError:
                 self._log(None, page_no, attempt, began, error="timeout")
                 raise TransportError(
@@ -534,13 +591,14 @@ class UsageClient:
                     attempt=attempt,
                 ) from None
             except aiohttp.ClientError as exc:
-                self._log(status, page_no, attempt, began, error=type(exc).__name__)
+                self._log(None, page_no, attempt, began, error=type(exc).__name__)
                 detail = self._redact(str(exc))
                 raise TransportError(
                     f"Usage API request failed: {type(exc).__name__}: {detail} ({of})",
                     attempt=attempt,
                 ) from None
-        if status == 200 and not complete:
+        status, body = answer.status, answer.body
+        if status == 200 and not answer.complete:
             self._log(status, page_no, attempt, began, error="too_large")
             raise ResponseTooLargeError(
                 f"malformed Usage API page: larger than {self._max_page_bytes:,} bytes "
@@ -555,7 +613,7 @@ class UsageClient:
             except MalformedResponseError as exc:
                 raise MalformedResponseError(f"{exc} ({of})", status=200, attempt=attempt) from None
         raise self._status_error(
-            status, reason=reason, headers=headers, body=body, of=of, attempt=attempt
+            status, reason=answer.reason, headers=answer.headers, body=body, of=of, attempt=attempt
         )
 
     def _status_error(
@@ -574,7 +632,7 @@ class UsageClient:
             return AuthError(text, status=status, attempt=attempt)
         retry_after = parse_retry_after(headers, time.time())
         if retry_after is not None and retry_after > self._retry.max_retry_after:
-            # _should_retry gives up on these: waiting that long is the caller's decision
+            # RetryPolicy.retrying gives up on these: waiting that long is the caller's call
             text += f" (Retry-After {retry_after:g}s exceeds {self._retry.max_retry_after:g}s)"
         if status == 429:
             return RateLimitedError(

@@ -95,6 +95,9 @@ SIZED_FAULTS: Final[Mapping[str, tuple[str, int, int]]] = {
     "deep_json": ("levels of nesting", 100_000, 10_000_000),
     "huge_int": ("digits of the integer", 5_000, 10_000_000),
 }
+#: Which requests a fault waits for: the Usage API (the default), the Admin API endpoints,
+#: or the model endpoints (chat completions, responses).
+FAULT_TARGETS: Final = ("usage", "admin", "model")
 MISSING_SCOPE_MESSAGE: Final = (
     "You have insufficient permissions for this operation. Missing scopes: api.usage.read."
 )
@@ -306,7 +309,8 @@ def _sort_key(values: Sequence[object]) -> tuple[tuple[int, str], ...]:
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """One injected failure, consumed by the next usage request (FIFO).
+    """One injected failure, consumed by the next request of its `target` (FIFO per
+    target; "usage" by default).
 
     `size` parameterises the hostile-body kinds (`SIZED_FAULTS`); 0 means their default.
     """
@@ -315,8 +319,13 @@ class Fault:
     retry_after: int | None = None
     seconds: float = 0.0
     size: int = 0
+    target: str = "usage"
 
     def __post_init__(self) -> None:
+        if self.target not in FAULT_TARGETS:
+            raise ScenarioError(
+                f"unknown fault target {self.target!r}; known: {', '.join(FAULT_TARGETS)}"
+            )
         if self.kind not in FAULT_KINDS:
             raise ScenarioError(
                 f"unknown fault kind {self.kind!r}; known: {', '.join(FAULT_KINDS)}"
@@ -342,9 +351,16 @@ class Fault:
 
     @staticmethod
     def from_json(obj: object) -> Fault:
-        if not isinstance(obj, Mapping) or set(obj) - {"kind", "retry_after", "seconds", "size"}:
+        if not isinstance(obj, Mapping) or set(obj) - {
+            "kind",
+            "retry_after",
+            "seconds",
+            "size",
+            "target",
+        }:
             raise ScenarioError(
-                f"a fault must be {{'kind', 'retry_after'?, 'seconds'?, 'size'?}}, got {obj!r}"
+                "a fault must be {'kind', 'retry_after'?, 'seconds'?, 'size'?, 'target'?}, "
+                f"got {obj!r}"
             )
         kind = obj.get("kind")
         if isinstance(kind, int) and not isinstance(kind, bool):
@@ -360,7 +376,10 @@ class Fault:
         size = obj.get("size", 0)
         if isinstance(size, bool) or not isinstance(size, int):
             raise ScenarioError("'size' must be an integer")
-        return Fault(kind=kind, retry_after=retry_after, seconds=seconds, size=size)
+        target = obj.get("target", "usage")
+        if not isinstance(target, str):
+            raise ScenarioError(f"fault 'target' must be a string, got {target!r}")
+        return Fault(kind=kind, retry_after=retry_after, seconds=seconds, size=size, target=target)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind}
@@ -370,6 +389,8 @@ class Fault:
             out["seconds"] = self.seconds
         if self.size:
             out["size"] = self.size
+        if self.target != "usage":
+            out["target"] = self.target
         return out
 
 
@@ -388,12 +409,16 @@ class Scenario:
         unscoped_keys: Iterable[str] = (),
         faults: Iterable[Fault] = (),
         seed: int = 0,
+        admin: Mapping[str, Any] | None = None,
     ) -> None:
         self.admin_keys: set[str] = set(admin_keys)
         self.unscoped_keys: set[str] = set(unscoped_keys)
         self.requests: list[VirtualRequest] = list(requests)
         self.faults: deque[Fault] = deque(faults)
         self.seed = seed
+        #: The "admin" section (projects, static keys, knobs) as given; the server builds
+        #: `simulator.admin.AdminModel` from it (None: the default projects).
+        self.admin = admin
 
     def __repr__(self) -> str:
         # Keys are secrets even in a simulator: never print them.
@@ -408,8 +433,13 @@ class Scenario:
     def add_fault(self, fault: Fault) -> None:
         self.faults.append(fault)
 
-    def next_fault(self) -> Fault | None:
-        return self.faults.popleft() if self.faults else None
+    def next_fault(self, target: str = "usage") -> Fault | None:
+        """The oldest pending fault for `target`, removed from the queue."""
+        for fault in self.faults:
+            if fault.target == target:
+                self.faults.remove(fault)
+                return fault
+        return None
 
     def reset(self) -> None:
         """Forget requests and pending faults (keys stay)."""
@@ -447,11 +477,12 @@ class Scenario:
 
     @staticmethod
     def from_json(obj: object, *, registered_at: float = 0.0) -> Scenario:
-        """Load `{"admin_keys", "unscoped_keys", "seed", "requests", "faults"}` (all
-        optional). Requests without their own `registered_at` get the argument."""
+        """Load `{"admin_keys", "unscoped_keys", "seed", "requests", "faults", "admin"}`
+        (all optional). Requests without their own `registered_at` get the argument.
+        `admin` is only checked to be an object here (`simulator.admin` reads it)."""
         if not isinstance(obj, Mapping):
             raise ScenarioError("a scenario must be a JSON object")
-        unknown = set(obj) - {"admin_keys", "unscoped_keys", "seed", "requests", "faults"}
+        unknown = set(obj) - {"admin_keys", "unscoped_keys", "seed", "requests", "faults", "admin"}
         if unknown:
             raise ScenarioError(f"unknown scenario fields: {sorted(unknown)}")
         admin = _string_list(obj.get("admin_keys", []), "admin_keys")
@@ -463,12 +494,16 @@ class Scenario:
         raw_faults = obj.get("faults", [])
         if not isinstance(raw_requests, list) or not isinstance(raw_faults, list):
             raise ScenarioError("'requests' and 'faults' must be lists")
+        admin_section = obj.get("admin")
+        if admin_section is not None and not isinstance(admin_section, Mapping):
+            raise ScenarioError("'admin' must be an object")
         return Scenario(
             (request_from_json(r, registered_at=registered_at) for r in raw_requests),
             admin_keys=admin,
             unscoped_keys=unscoped,
             faults=(Fault.from_json(f) for f in raw_faults),
             seed=seed,
+            admin=admin_section,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -478,6 +513,7 @@ class Scenario:
             "seed": self.seed,
             "requests": [r.to_json() for r in self.requests],
             "faults": [f.to_json() for f in self.faults],
+            **({"admin": dict(self.admin)} if self.admin is not None else {}),
         }
 
 

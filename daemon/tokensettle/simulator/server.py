@@ -3,19 +3,27 @@
 Usage endpoint (admin-key auth, like the real one):
     GET  /v1/organization/usage/completions
 
+Admin API endpoints (admin-key auth) and model endpoints (project-key auth): see
+`simulator.admin`, which holds their model; this module only routes and applies faults.
+
 Control endpoints (no auth; answered only to loopback clients):
     POST /_sim/requests  {"requests": [{"time", "api_key_id", "project_id", "model",
                           "usage", "visible_after"?, "revisions"?}]}
     POST /_sim/faults    {"faults": [{"kind": "429", "retry_after"?: 1}, {"kind": "hang",
                           "seconds": 3}, {"kind": "gzip_bomb", "size"?: bytes}, ...]}
-                          (FIFO, one per usage request; kinds in docs/simulator.md)
+                          (FIFO per "target": usage (default), admin or model)
     POST /_sim/keys      {"admin_keys": [...], "unscoped_keys": [...]}
     POST /_sim/reset     forget requests, faults and the request log (keys stay)
     GET  /_sim/log       [{"query": raw query string, "status", "at", "fault"}]
     GET  /_sim/stats     {"usage_requests": N, "by_status": {"200": n, ...}, ...}
     GET  /_sim/truth     {"rows": [...]} final revisions, aggregated per minute/key/project/model
+    GET  /_sim/admin     projects, service accounts, keys (ids and states, never values)
+    POST /_sim/admin     {"projects": [...], "api_keys": [...], "usage_only_keys": [...],
+                          "usage_delay": s, "key_auth_delay": s, "output_tokens": n}
+    GET  /_sim/admin/log [{"target", "method", "path", "query", "status", "at", "fault"}]
 
-Every usage request, whatever its key, consumes the next pending fault.
+Every usage request, whatever its key, consumes the next pending usage fault; every admin
+(model) request the next admin (model) fault.
 """
 
 from __future__ import annotations
@@ -27,16 +35,17 @@ import signal
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
 
+from tokensettle.simulator.admin import MANAGEMENT_MESSAGE, AdminModel
 from tokensettle.simulator.scenario import (
     MISSING_SCOPE_MESSAGE,
     SIMULATOR_ADMIN_KEY,
@@ -51,6 +60,7 @@ from tokensettle.simulator.scenario import (
 __all__ = [
     "SIMULATOR_ADMIN_KEY",
     "USAGE_PATH",
+    "CallEntry",
     "LogEntry",
     "RunningSimulator",
     "create_app",
@@ -86,10 +96,36 @@ class LogEntry:
 
 
 @dataclass(slots=True)
+class CallEntry:
+    """One admin or model request the simulator received (never a header, key or body)."""
+
+    target: str
+    method: str
+    path: str
+    query: str
+    at: float
+    status: int = 0
+    fault: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "status": self.status,
+            "at": self.at,
+            "fault": self.fault,
+        }
+
+
+@dataclass(slots=True)
 class _State:
     scenario: Scenario
     clock: Callable[[], float]
+    admin: AdminModel
     log: list[LogEntry] = field(default_factory=list)
+    calls: list[CallEntry] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -100,6 +136,10 @@ def _error(err: ApiError, headers: dict[str, str] | None = None) -> web.Response
     return web.json_response(err.envelope(), status=err.status, headers=headers)
 
 
+_FORBIDDEN: Final = {"usage": MISSING_SCOPE_MESSAGE, "admin": MANAGEMENT_MESSAGE}
+_API_NAMES: Final = {"usage": "the usage API", "admin": "the admin API", "model": "the API"}
+
+
 def _fault_response(fault: Fault) -> web.Response | None:
     """The answer a fault forces, or None for faults that alter a normal answer."""
     headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else None
@@ -107,7 +147,8 @@ def _fault_response(fault: Fault) -> web.Response | None:
         return _error(
             ApiError(
                 429,
-                "Rate limit reached for requests to the usage API. Please try again later.",
+                f"Rate limit reached for requests to {_API_NAMES[fault.target]}. "
+                "Please try again later.",
                 type_="requests",
                 code="rate_limit_exceeded",
             ),
@@ -140,7 +181,8 @@ def _fault_response(fault: Fault) -> web.Response | None:
     if fault.kind == "401":
         return _error(ApiError(401, "Incorrect API key provided.", code="invalid_api_key"))
     if fault.kind == "403":
-        return _error(ApiError(403, MISSING_SCOPE_MESSAGE))
+        forbidden = _FORBIDDEN.get(fault.target, "You do not have access to this resource.")
+        return _error(ApiError(403, forbidden))
     return None
 
 
@@ -224,6 +266,14 @@ def _auth_scheme(authorization: str | None) -> str | None:
     return scheme if sep and scheme.isalpha() and len(scheme) <= 16 else "invalid"
 
 
+Answer = Callable[[], Awaitable[web.Response]]
+
+
+class _Entry(Protocol):
+    status: int
+    fault: str | None
+
+
 async def _usage(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     entry = LogEntry(
@@ -232,7 +282,19 @@ async def _usage(request: web.Request) -> web.StreamResponse:
         auth_scheme=_auth_scheme(request.headers.get("Authorization")),
     )
     state.log.append(entry)
-    fault = state.scenario.next_fault()
+
+    async def answer() -> web.Response:
+        return _answer(state, request)
+
+    return await _serve(request, "usage", entry, answer)
+
+
+async def _serve(
+    request: web.Request, target: str, entry: _Entry, answer: Answer
+) -> web.StreamResponse:
+    """`answer()`, or what the next pending fault of `target` makes of it."""
+    state = request.app[STATE]
+    fault = state.scenario.next_fault(target)
     entry.fault = fault.kind if fault else None
     response: web.Response | None = _fault_response(fault) if fault else None
     if response is None and fault is not None and fault.kind == "hang":
@@ -243,11 +305,11 @@ async def _usage(request: web.Request) -> web.StreamResponse:
                 ApiError(503, "The simulator is shutting down.", type_="server_error")
             )
     if response is None and fault is not None and fault.kind in SIZED_FAULTS:
-        answer = _answer(state, request)
-        entry.status = answer.status  # logged before streaming: the client may hang up
-        return await _hostile(request, fault, answer)
+        normal = await answer()
+        entry.status = normal.status  # logged before streaming: the client may hang up
+        return await _hostile(request, fault, normal)
     if response is None:
-        response = _answer(state, request)
+        response = await answer()
         if fault is not None and fault.kind == "bad_json":
             body = response.body if isinstance(response.body, bytes) else b""
             truncated = body[: max(1, len(body) // 2)] if response.status == 200 else b""
@@ -258,6 +320,127 @@ async def _usage(request: web.Request) -> web.StreamResponse:
             )
     entry.status = response.status
     return response
+
+
+# --------------------------------------------------------------------------------------
+# Admin API and model endpoints (their model is simulator.admin)
+
+
+async def _api_body(request: web.Request) -> dict[str, Any]:
+    """The JSON object a POST carries; an ApiError (400, the usual envelope) otherwise."""
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request. (HINT: This likely means you "
+            "aren't using your HTTP library correctly.)",
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _admin_denied(state: _State, authorization: str | None) -> ApiError | None:
+    """401 for a key the usage endpoint would not take either; 403 for a project key or a
+    usage-only admin key (they may not manage projects, service accounts or keys)."""
+    key = (authorization or "").partition(" ")[2].strip()
+    if key and key in state.scenario.unscoped_keys:
+        return ApiError(403, MANAGEMENT_MESSAGE)
+    return state.scenario.check_auth(authorization) or state.admin.check_admin(authorization)
+
+
+AdminOp = Callable[[_State, web.Request], Awaitable[dict[str, Any]]]
+
+
+def _call_entry(state: _State, request: web.Request, target: str) -> CallEntry:
+    entry = CallEntry(
+        target=target,
+        method=request.method,
+        path=request.path,
+        query=request.rel_url.raw_query_string,
+        at=state.clock(),
+    )
+    state.calls.append(entry)
+    return entry
+
+
+def _admin_route(op: AdminOp) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        entry = _call_entry(state, request, "admin")
+
+        async def answer() -> web.Response:
+            denied = _admin_denied(state, request.headers.get("Authorization"))
+            if denied is not None:
+                return _error(denied)
+            try:
+                return web.json_response(await op(state, request))
+            except ApiError as err:
+                return _error(err)
+
+        return await _serve(request, "admin", entry, answer)
+
+    return handler
+
+
+def _ids(request: web.Request, *names: str) -> list[str]:
+    return [request.match_info[name] for name in names]
+
+
+async def _get_project(state: _State, request: web.Request) -> dict[str, Any]:
+    return state.admin.get_project(*_ids(request, "project_id"))
+
+
+async def _create_service_account(state: _State, request: web.Request) -> dict[str, Any]:
+    body = await _api_body(request)
+    return state.admin.create_service_account(request.match_info["project_id"], body, state.clock())
+
+
+async def _create_key(state: _State, request: web.Request) -> dict[str, Any]:
+    body = await _api_body(request) if request.can_read_body else {}
+    project_id, account_id = _ids(request, "project_id", "service_account_id")
+    return state.admin.create_key(project_id, account_id, body, state.clock())
+
+
+async def _list_keys(state: _State, request: web.Request) -> dict[str, Any]:
+    pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+    return state.admin.list_keys(request.match_info["project_id"], pairs)
+
+
+async def _get_key(state: _State, request: web.Request) -> dict[str, Any]:
+    return state.admin.get_key(*_ids(request, "project_id", "api_key_id"))
+
+
+async def _delete_key(state: _State, request: web.Request) -> dict[str, Any]:
+    project_id, key_id = _ids(request, "project_id", "api_key_id")
+    return state.admin.delete_key(project_id, key_id, state.clock())
+
+
+def _model_route(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        state = request.app[STATE]
+        entry = _call_entry(state, request, "model")
+
+        async def answer() -> web.Response:
+            now = state.clock()
+            key = state.admin.model_key(request.headers.get("Authorization"), now)
+            if isinstance(key, ApiError):
+                return _error(key)
+            try:
+                body = await _api_body(request)
+                if name == "chat":
+                    call = state.admin.chat_completion(key, body, now)
+                else:
+                    call = state.admin.response(key, body, now)
+            except ApiError as err:
+                return _error(err)
+            state.scenario.add(call.request)
+            return web.json_response(call.response)
+
+        return await _serve(request, "model", entry, answer)
+
+    return handler
 
 
 # --------------------------------------------------------------------------------------
@@ -353,7 +536,27 @@ async def _reset(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.scenario.reset()
     state.log.clear()
+    state.calls.clear()
     return web.json_response({"reset": True})
+
+
+async def _get_admin(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(state.admin.inspect(state.clock()))
+
+
+async def _set_admin(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    body = await _json_body(request)
+    try:
+        state.admin.configure(body)
+    except ScenarioError as exc:
+        return _invalid(exc)
+    return web.json_response(state.admin.inspect(state.clock()))
+
+
+async def _get_admin_log(request: web.Request) -> web.Response:
+    return web.json_response([e.to_json() for e in request.app[STATE].calls])
 
 
 def _stats(state: _State) -> dict[str, Any]:
@@ -396,11 +599,37 @@ async def _on_shutdown(app: web.Application) -> None:
     app[STATE].stopping.set()  # wake hanging handlers so shutdown is not blocked
 
 
-def create_app(scenario: Scenario, *, clock: Callable[[], float] = time.time) -> web.Application:
-    """The simulator as an aiohttp application over `scenario`, reading time from `clock`."""
+PROJECT_PATH: Final = "/v1/organization/projects/{project_id}"
+
+
+def create_app(
+    scenario: Scenario,
+    *,
+    clock: Callable[[], float] = time.time,
+    admin: AdminModel | None = None,
+) -> web.Application:
+    """The simulator as an aiohttp application over `scenario`, reading time from `clock`.
+
+    `admin` is the organisation's projects and keys; by default built from the scenario's
+    "admin" section (raises ScenarioError when that is invalid)."""
     app = web.Application(middlewares=[_loopback_only])
-    app[STATE] = _State(scenario=scenario, clock=clock)
+    model = admin if admin is not None else AdminModel.from_json(scenario.admin)
+    app[STATE] = _State(scenario=scenario, clock=clock, admin=model)
     app.router.add_get(USAGE_PATH, _usage)
+    app.router.add_get(PROJECT_PATH, _admin_route(_get_project))
+    app.router.add_post(f"{PROJECT_PATH}/service_accounts", _admin_route(_create_service_account))
+    app.router.add_post(
+        f"{PROJECT_PATH}/service_accounts/{{service_account_id}}/api_keys",
+        _admin_route(_create_key),
+    )
+    app.router.add_get(f"{PROJECT_PATH}/api_keys", _admin_route(_list_keys))
+    app.router.add_get(f"{PROJECT_PATH}/api_keys/{{api_key_id}}", _admin_route(_get_key))
+    app.router.add_delete(f"{PROJECT_PATH}/api_keys/{{api_key_id}}", _admin_route(_delete_key))
+    app.router.add_post("/v1/chat/completions", _model_route("chat"))
+    app.router.add_post("/v1/responses", _model_route("responses"))
+    app.router.add_get("/_sim/admin", _get_admin)
+    app.router.add_post("/_sim/admin", _set_admin)
+    app.router.add_get("/_sim/admin/log", _get_admin_log)
     app.router.add_post("/_sim/requests", _register_requests)
     app.router.add_post("/_sim/faults", _queue_faults)
     app.router.add_post("/_sim/keys", _set_keys)
@@ -431,10 +660,11 @@ class RunningSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        admin: AdminModel | None = None,
     ) -> None:
         self.scenario = scenario if scenario is not None else Scenario()
         self.host = host
-        self.app = create_app(self.scenario, clock=clock)
+        self.app = create_app(self.scenario, clock=clock, admin=admin)
         self._requested_port = port
         self._port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -483,6 +713,16 @@ class RunningSimulator:
         """The usage requests received so far (live list, arrival order)."""
         return self.app[STATE].log
 
+    @property
+    def admin(self) -> AdminModel:
+        """The simulated organisation's projects, service accounts and keys (live)."""
+        return self.app[STATE].admin
+
+    @property
+    def call_log(self) -> list[CallEntry]:
+        """The admin and model requests received so far (live list, arrival order)."""
+        return self.app[STATE].calls
+
     def stats(self) -> dict[str, Any]:
         return _stats(self.app[STATE])
 
@@ -498,9 +738,11 @@ def load_scenario_file(path: str | Path, *, now: float | None = None) -> Scenari
     except json.JSONDecodeError as exc:
         raise ScenarioError(f"scenario {p} is not valid JSON: {exc}") from None
     try:
-        return Scenario.from_json(obj, registered_at=time.time() if now is None else now)
+        scenario = Scenario.from_json(obj, registered_at=time.time() if now is None else now)
+        AdminModel.from_json(scenario.admin)  # refuse a bad "admin" section at load time
     except ScenarioError as exc:
         raise ScenarioError(f"scenario {p}: {exc}") from None
+    return scenario
 
 
 async def serve_forever(
