@@ -220,6 +220,39 @@ def _discard(tmp: Path) -> None:
         _release(tmp)
 
 
+# ------------------------------------------------------------------ files of our own
+
+
+def publish(path: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
+    """Atomically make `path` hold `data`: temp file (a name the watcher ignores), fsync,
+    then rename over `path` (`replace`) or link it into place only if `path` does not
+    exist yet (else FileExistsError, nothing changed), then fsync the directory."""
+    # _write_temp copies mode and owner from a stat of the file it replaces; a new file
+    # takes `mode` and our own owner.
+    like = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, os.getuid(), os.getgid(), 0, 0, 0, 0))
+    tmp = _write_temp(path, data, like)
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_exclusive(tmp, path)
+    finally:
+        _discard(tmp)
+    _fsync_dir(path.parent)
+
+
+def _link_exclusive(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path, follow_symlinks=False)  # EEXIST when present: exclusive
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # A filesystem without hard links (some FUSE and SMB mounts): check, then rename.
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists already", str(path)) from None
+        os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------ the swap
 
 _RENAME_EXCHANGE = 2

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("simulate", help="serve the built-in Usage API simulator")
     )
 
+    from tokensettle.lease_args import add_arguments as lease_arguments
+
+    lease_arguments(sub)
+
     sub.add_parser("demo", help="the whole story on the simulator, in about 20 seconds")
     return parser
 
@@ -462,6 +466,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return simulator_cli.main(args)
 
 
+def _lease(args: argparse.Namespace) -> int:
+    from tokensettle import lease_cli
+
+    return lease_cli.main(args)
+
+
 def _demo(_args: argparse.Namespace) -> int:
     from tokensettle.demo import run_demo
 
@@ -476,6 +486,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "reprice": _reprice,
     "doctor": _doctor,
     "simulate": _simulate,
+    "lease": _lease,
     "demo": _demo,
 }
 

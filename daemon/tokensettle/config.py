@@ -124,6 +124,8 @@ _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("tokensettle_toml", d
 # .env are not read at all; values come from that mapping instead.
 _isolated: ContextVar[bool] = ContextVar("tokensettle_isolated", default=False)
 ADMIN_KEY_ALIASES = (f"{ENV_PREFIX}ADMIN_KEY", "OPENAI_ADMIN_KEY", "OPENAI_API_KEY_USAGE_TRACKING")
+ANTHROPIC_KEY_ALIASES = (f"{ENV_PREFIX}ANTHROPIC_ADMIN_KEY", "ANTHROPIC_ADMIN_KEY")
+DEFAULT_ANTHROPIC_URL = "https://api.anthropic.com"
 
 _PORT = re.compile(r"[0-9]{1,5}")
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -217,6 +219,12 @@ class Settings(BaseSettings):
         default=timedelta(hours=24), ge=timedelta(seconds=1), le=timedelta(days=365)
     )
     lease_service_account: str | None = None
+    # Anthropic (the second provider): its Admin API key and base URL.
+    anthropic_admin_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("anthropic_admin_key", *ANTHROPIC_KEY_ALIASES),
+    )
+    anthropic_api_base_url: str = DEFAULT_ANTHROPIC_URL
 
     @field_validator("window_grace")
     @classmethod
@@ -234,7 +242,7 @@ class Settings(BaseSettings):
             raise ValueError("must be longer than 0s (0 would retry or poll without pause)")
         return v
 
-    @field_validator("api_base_url")
+    @field_validator("api_base_url", "anthropic_api_base_url")
     @classmethod
     def _url(cls, v: str) -> str:
         # Never echo a password: errors show the URL without its user:password@ part.
@@ -257,7 +265,7 @@ class Settings(BaseSettings):
             )
         return v.strip().rstrip("/")
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "anthropic_admin_key", "http_token")
     @classmethod
     def _key(cls, v: SecretStr | None) -> SecretStr | None:
         if v is None:
@@ -462,15 +470,19 @@ def _values_from(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings named in an explicit environment mapping (`TOKENSETTLE_<NAME>`, key aliases)."""
     values: dict[str, Any] = {}
     for name in Settings.model_fields:
-        if name == "admin_key":
+        if name in ("admin_key", "anthropic_admin_key"):
             continue
         raw = environ.get(f"{ENV_PREFIX}{name.upper()}")
         if raw is not None and raw != "":
             values[name] = raw
-    for alias in ADMIN_KEY_ALIASES:
-        if environ.get(alias):
-            values["admin_key"] = environ[alias]
-            break
+    for field_name, aliases in (
+        ("admin_key", ADMIN_KEY_ALIASES),
+        ("anthropic_admin_key", ANTHROPIC_KEY_ALIASES),
+    ):
+        for alias in aliases:
+            if environ.get(alias):
+                values[field_name] = environ[alias]
+                break
     return values
 
 

@@ -16,9 +16,8 @@ cannot be made: 3 when the admin key is refused, 2 for a setting to fix, 1 when 
 API keeps failing. The key's value appears only in the command's environment and in the
 output of `lease new`.
 
-The top-level CLI needs two lines: `lease_cli.add_arguments(subparsers)` in its parser and
-`return lease_cli.main(args)` for `args.command == "lease"`. `python -m
-tokensettle.lease_cli ...` runs the same thing on its own.
+The options live in `lease_args` (cheap to import, for the top-level parser); `main(args)`
+runs a parsed command. `python -m tokensettle.lease_cli ...` runs the same thing on its own.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Final, NoReturn
 
 import aiohttp
 import structlog
@@ -52,7 +51,7 @@ from tokensettle.admin_api import (
     LeasedKey,
 )
 from tokensettle.config import ADMIN_KEY_ALIASES, ConfigError, Settings, load_settings
-from tokensettle.durations import parse_duration
+from tokensettle.lease_args import add_arguments
 from tokensettle.leases import (
     Lease,
     LeaseBook,
@@ -101,8 +100,6 @@ ADMIN_VARIABLES: Final = frozenset(
         "TOKENSETTLE_CONFIG",
     }
 )
-_FRAMEWORK: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_MAX_TTL: Final = timedelta(days=365)
 
 
 def is_admin_variable(name: str) -> bool:
@@ -163,71 +160,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         raise _StandaloneUsage(message)
-
-
-def _ttl(text: str) -> timedelta:
-    try:
-        ttl = parse_duration(text)
-    except ValueError as exc:  # argparse would say only "invalid _ttl value"
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not timedelta(seconds=1) <= ttl <= _MAX_TTL:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 1s and 365d")
-    return ttl
-
-
-def _framework(text: str) -> str:
-    if not _FRAMEWORK.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            f"{text[:64]!r} is not a framework name (letters, digits, '_', '.', '-')"
-        )
-    return text
-
-
-def _mint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--framework", type=_framework, help="also set OPENAI_API_KEY_<FW>")
-    parser.add_argument(
-        "--run-dir",
-        dest="run_dir",
-        type=Path,
-        help=f"the run's directory: {SCOPE_FILE} is written there (created if missing)",
-    )
-    parser.add_argument(
-        "--ttl", type=_ttl, help="key lifetime, e.g. 6h (default TOKENSETTLE_LEASE_TTL, 24h)"
-    )
-
-
-def add_arguments(subparsers: Any) -> None:
-    """Add `lease` and its four commands to a top-level `add_subparsers()` action. The
-    sub-commands use the same parser class as `lease` (so the caller's error handling
-    applies)."""
-    lease = subparsers.add_parser(
-        "lease",
-        help="a key per run, so parallel runs settle exactly",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    commands = lease.add_subparsers(dest="lease_command", required=True, parser_class=type(lease))
-    config = type(lease)(add_help=False)
-    config.add_argument("--config", type=Path, help="TOML config file (also TOKENSETTLE_CONFIG)")
-
-    p_exec = commands.add_parser(
-        "exec", parents=[config], help="mint a key, declare it, run CMD with it"
-    )
-    _mint_options(p_exec)
-    p_exec.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
-
-    p_new = commands.add_parser(
-        "new", parents=[config], help="mint a key and print it (for runners that start runs)"
-    )
-    _mint_options(p_new)
-    p_new.add_argument("--format", choices=["env", "json"], default="env")
-
-    p_list = commands.add_parser("list", parents=[config], help="every lease and its state")
-    p_list.add_argument("--json", action="store_true", help="machine-readable output")
-
-    p_rev = commands.add_parser("revoke", parents=[config], help="delete leased keys now")
-    p_rev.add_argument("key_ids", nargs="*", metavar="KEY_ID")
-    p_rev.add_argument("--settled", action="store_true", help="every settled lease")
-    p_rev.add_argument("--expired", action="store_true", help="every expired lease")
 
 
 def build_parser() -> argparse.ArgumentParser:

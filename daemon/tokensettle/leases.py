@@ -42,8 +42,9 @@ from tokensettle.admin_api import (
     AdminNotFoundError,
     LeasedKey,
 )
+from tokensettle.atomic import publish
 from tokensettle.stability import backoff
-from tokensettle.usage_scope import LeaseDeclaration, publish_file
+from tokensettle.usage_scope import LeaseDeclaration
 
 __all__ = [
     "DEFAULT_SERVICE_ACCOUNT_NAME",
@@ -457,7 +458,7 @@ class LeaseStore:
         """Write the book atomically (call under `locked()`)."""
         data = (json.dumps(book.to_json(), indent=2) + "\n").encode("utf-8")
         try:
-            publish_file(self.path, data, mode=0o600)
+            publish(self.path, data, mode=0o600)
         except OSError as exc:
             raise LeaseStoreError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 

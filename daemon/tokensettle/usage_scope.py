@@ -22,16 +22,14 @@ from __future__ import annotations
 import difflib
 import errno
 import json
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from tokensettle.atomic import _fsync_dir, _write_temp
+from tokensettle.atomic import publish
 from tokensettle.usage import Scope
 
 __all__ = [
@@ -47,7 +45,6 @@ __all__ = [
     "declaration_from_metrics",
     "load_declaration",
     "parse_declaration",
-    "publish_file",
     "render_declaration",
     "write_declaration",
 ]
@@ -297,36 +294,6 @@ def render_declaration(decl: Declaration) -> bytes:
 # ---------------------------------------------------------------------------- writing
 
 
-def publish_file(path: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
-    """Atomically make `path` hold `data`: temp file (a name the watcher ignores), fsync,
-    then rename over `path` (`replace`) or link it into place only if `path` does not
-    exist yet (else FileExistsError, nothing changed), then fsync the directory."""
-    # atomic._write_temp copies mode and owner from a stat of the file it replaces; a new
-    # file takes `mode` and our own owner.
-    like = os.stat_result((stat.S_IFREG | mode, 0, 0, 1, os.getuid(), os.getgid(), 0, 0, 0, 0))
-    tmp = _write_temp(path, data, like)
-    try:
-        if replace:
-            os.replace(tmp, path)
-        else:
-            _link_exclusive(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _link_exclusive(tmp: Path, path: Path) -> None:
-    try:
-        os.link(tmp, path, follow_symlinks=False)  # EEXIST when present: exclusive
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        # A filesystem without hard links (some FUSE and SMB mounts): check, then rename.
-        if path.exists() or path.is_symlink():
-            raise FileExistsError(errno.EEXIST, "exists already", str(path)) from None
-        os.replace(tmp, path)
-
-
 def write_declaration(run_dir: Path, decl: Declaration, *, replace: bool = False) -> Path:
     """Write `run_dir/usage_scope.json` atomically (creating `run_dir` if missing).
 
@@ -337,5 +304,5 @@ def write_declaration(run_dir: Path, decl: Declaration, *, replace: bool = False
     path = run_dir / SCOPE_FILE
     if path.is_symlink():
         raise FileExistsError(errno.EEXIST, "is a symlink; not written", str(path))
-    publish_file(path, render_declaration(decl), replace=replace)
+    publish(path, render_declaration(decl), replace=replace)
     return path

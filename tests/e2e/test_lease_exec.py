@@ -1,9 +1,6 @@
 """`tokensettle lease exec` as real processes: the child's environment and declaration,
 its model calls settled by key, signal forwarding, exit codes, parallel first uses, and
 the key value absent from everything but the child's environment.
-
-The command runs as `python -m tokensettle.lease_cli lease ...` until cli.py carries the
-`lease` hook; the arguments and behaviour are the same.
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import clean_environ
+from tests.support.daemon import EXE, clean_environ
 from tokensettle.simulator import RunningSimulator, Scenario
 from tokensettle.usage_scope import SCOPE_FILE, load_declaration
 
@@ -90,7 +87,7 @@ class World:
         return self.tmp / "state"
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "tokensettle.lease_cli", "lease", *args]
+        return [EXE, "lease", *args]
 
     def child_cmd(self, mode: str, calls: int = 0) -> list[str]:
         return [sys.executable, str(self.child), str(self.tmp), mode, str(calls)]

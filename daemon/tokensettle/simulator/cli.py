@@ -7,7 +7,6 @@ The top-level CLI needs two lines: `add_arguments(sub.add_parser("simulate", ...
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import os
 import socket
@@ -17,9 +16,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import structlog
-
-from tokensettle.logs import configure
 from tokensettle.simulator.scenario import (
     DEFAULT_SEED_MODEL,
     DEFAULT_SEED_PROJECT,
@@ -155,10 +151,12 @@ def _listen_problem(exc: OSError, host: str, port: int) -> str:
 
 def _seed(args: argparse.Namespace, scenario: Scenario, identity: SeedIdentity) -> None:
     """Add the runs under `--seed-from` to `scenario`, logging what was seeded."""
+    import structlog
+
     from tokensettle.simulator.seed import plan_seed
 
     plan = plan_seed(args.seed_from, identity, registered_at=time.time())
-    log = structlog.get_logger("tokensettle.simulator")
+    log = structlog.get_logger("tokensettle.simulator")  # configured by main
     for skip in plan.skipped:
         log.warning("simulator.seed_skipped", path=str(skip.path), reason=skip.reason)
     for run in plan.runs:
@@ -188,6 +186,9 @@ def _seed(args: argparse.Namespace, scenario: Scenario, identity: SeedIdentity) 
 
 def main(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM: exit 0; a bad option, scenario or address: one line, 2."""
+    import asyncio
+
+    from tokensettle.logs import configure
     from tokensettle.simulator.seed import SeedIdentity, key_ids
     from tokensettle.simulator.server import load_scenario_file, serve_forever
 
