@@ -614,3 +614,16 @@ class AdminClient:
             duration_ms=duration_ms,
             **({"error": error} if error else {}),
         )
+
+
+def client_for(settings: Any, session: aiohttp.ClientSession, admin_key: str) -> AdminClient:
+    """The Admin API client for `settings` (a tokensettle Settings: base URL, rate limit,
+    timeout and attempts, shared with the Usage API client)."""
+    return AdminClient(
+        base_url=settings.api_base_url,
+        admin_key=admin_key,
+        session=session,
+        rate_limit_per_min=settings.rate_limit_per_min,
+        request_timeout=settings.request_timeout.total_seconds(),
+        retry=RetryPolicy(attempts=settings.request_attempts),
+    )

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokensettle.discovery import RUN_FILE
 from tokensettle.scheduler import Debouncer
 from tokensettle.watcher import Watcher, WatchMode
 
@@ -30,12 +31,16 @@ class Changes:
 
     files: set[Path] = field(default_factory=set)
     trailing: set[Path] = field(default_factory=set)
+    #: run files whose declared scope (`usage_scope.json`) appeared or changed
+    scopes: set[Path] = field(default_factory=set)
     dirs: set[Path] = field(default_factory=set)
     gone: set[Path] = field(default_factory=set)
     rescan: str | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.files or self.trailing or self.dirs or self.gone or self.rescan)
+        return bool(
+            self.files or self.trailing or self.scopes or self.dirs or self.gone or self.rescan
+        )
 
 
 class WatchBridge:
@@ -72,6 +77,10 @@ class WatchBridge:
     def on_complete(self, path: Path) -> None:
         self.debounce.touch(path, self.monotonic())
         self._changes.files.add(path)
+        self._event()
+
+    def on_scope(self, path: Path) -> None:
+        self._changes.scopes.add(path.with_name(RUN_FILE))
         self._event()
 
     def on_dir(self, path: Path) -> None:
@@ -121,6 +130,7 @@ class WatchBridge:
             loop=loop,
             on_file=self.on_file,
             on_complete=self.on_complete,
+            on_scope=self.on_scope,
             on_dir=self.on_dir,
             on_overflow=self.on_overflow,
             on_gone=self.on_gone,

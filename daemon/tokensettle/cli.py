@@ -308,9 +308,17 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     _readable_roots(settings)
     _logs(settings)
     selection = Selection(args.framework, args.run_id, args.force)
+    revoke_failed = 0
     async with aiohttp.ClientSession() as session:
         reconciler = Reconciler(settings, _client(settings, session))
         report = await reconciler.run_once(selection, dry_run=args.dry_run)
+        if not args.dry_run and not report.auth_error:
+            from tokensettle.leasekeeper import LeaseKeeper, admin_client, leased_runs
+
+            # Keys of leases whose runs are all settled now are deleted (with backoff).
+            keeper = LeaseKeeper(lambda: settings, admin_client(settings, session))
+            outcomes = await keeper.revoke(leased_runs(report.records), reconciler.clock())
+            revoke_failed = sum(1 for o in outcomes if not o.revoked)
     # Every selected run ends in the report (polled, not due, settled, unreadable), unless
     # authentication stopped the batch first.
     if args.framework is not None and not report.outcomes and not report.auth_error:
@@ -322,7 +330,7 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     )
     if report.auth_error:
         return EXIT_AUTH
-    return EXIT_RUNS_FAILED if report.failed else EXIT_OK
+    return EXIT_RUNS_FAILED if report.failed or revoke_failed else EXIT_OK
 
 
 def _reconcile(args: argparse.Namespace) -> int:

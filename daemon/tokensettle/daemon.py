@@ -45,6 +45,8 @@ from tokensettle.config import (
 )
 from tokensettle.health import Faults, status
 from tokensettle.index import Index
+from tokensettle.leasekeeper import LeaseKeeper, admin_client, leased_runs
+from tokensettle.leases import RevokeOutcome
 from tokensettle.live import LiveReport
 from tokensettle.logs import configure
 from tokensettle.metrics import CONTENT_TYPE, Metrics
@@ -99,7 +101,9 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.server: StatusServer | None = None
         self.live = LiveReport(lambda: self.settings, self.roots)
+        self.keeper: LeaseKeeper | None = None
         self.next_rescan = 0.0
+        self.next_revoke = 0.0
         self.exit_code = EXIT_OK
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -246,7 +250,7 @@ class Daemon:
 
     def _next_wake(self) -> float:
         now_mono = time.monotonic()
-        candidates = [self.next_rescan - now_mono, 30.0]
+        candidates = [self.next_rescan - now_mono, self.next_revoke - now_mono, 30.0]
         point = self._due_point()
         if point is not None:
             wait = point - self.clock().timestamp()
@@ -269,14 +273,36 @@ class Daemon:
             await self.registry.look(sorted(changes.trailing), trailing=True)
         if changes.files:
             await self.registry.look(sorted(changes.files))
+        if changes.scopes:
+            await self.registry.rescope(sorted(changes.scopes))
         if changes.dirs:
             await self.registry.look_under(sorted(changes.dirs))
         if changes.rescan or time.monotonic() >= self.next_rescan:
             await self._rescan(changes.rescan or "interval")
         point = self._due_point()
         if point is not None and self._round_ready(point):
-            await self.poller.round(point)
+            outcomes = await self.poller.round(point)
             self._update_gauges()
+            if any(o.after and o.after.record and o.after.record.declared for o in outcomes):
+                self.next_revoke = 0.0  # a run with a declared scope settled: look now
+        if time.monotonic() >= self.next_revoke:
+            await self._revoke()
+
+    async def _revoke(self) -> None:
+        """Delete leased keys whose runs are all settled (see leasekeeper)."""
+        assert self.registry is not None
+        assert self.keeper is not None
+        records = [t.loaded.record for t in self.registry.tracked.values() if t.loaded.record]
+        runs = leased_runs(records, self.registry.index.leased())
+        await self.keeper.revoke(runs, self.clock())
+        self.next_revoke = time.monotonic() + self.settings.retry_delay.total_seconds()
+
+    def _count_revoke(self, outcome: RevokeOutcome) -> None:
+        if outcome.revoked:
+            result = "already_gone" if outcome.already_gone else "revoked"
+        else:
+            result = "auth_error" if outcome.auth_error else "failed"
+        self.metrics.revocations.labels(result).inc()
 
     async def _rescan(self, reason: str) -> None:
         assert self.registry is not None
@@ -367,6 +393,12 @@ class Daemon:
                     clock=self.clock,
                 )
                 self.registry.defer = self.bridge.defer
+                self.keeper = LeaseKeeper(
+                    lambda: self.settings,
+                    admin_client(self.settings, session),
+                    faults=self.faults,
+                    on_outcome=self._count_revoke,
+                )
                 self.poller = Poller(
                     self.reconciler,
                     self.registry,

@@ -14,21 +14,25 @@ the owner (the daemon) shows it in `/healthz` and rescans the tree to refill it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
+from tokensettle.usage import Scope
+from tokensettle.usage_scope import LeaseDeclaration, ScopeDeclarationError, lease_from_json
+
 log = structlog.get_logger("tokensettle.index")
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS finished (
     path TEXT PRIMARY KEY,
@@ -42,7 +46,11 @@ CREATE TABLE IF NOT EXISTS finished (
     status TEXT NOT NULL,
     tokens_in INTEGER,
     tokens_out INTEGER,
-    cost_usd REAL
+    cost_usd REAL,
+    api_key_ids TEXT,
+    project_ids TEXT,
+    lease TEXT,
+    unpriced TEXT
 );
 CREATE INDEX IF NOT EXISTS finished_end ON finished ("end");
 """
@@ -74,6 +82,12 @@ class Finished:
     tokens_in: int | None
     tokens_out: int | None
     cost_usd: float | None = None
+    #: the run's declared scope (None: its framework's), so a settled run keeps owning
+    #: exactly its own minutes when a neighbour is attributed
+    scope: Scope | None = None
+    #: the lease that gave the run its key: revoked once every run declaring it is settled
+    lease: LeaseDeclaration | None = None
+    unpriced: tuple[str, ...] = ()
 
 
 def _int64(value: int | None) -> int | None:
@@ -82,6 +96,44 @@ def _int64(value: int | None) -> int | None:
     if value is None or not _INT64[0] <= value <= _INT64[1]:
         return None
     return value
+
+
+def _join(values: Iterable[str]) -> str:
+    return ",".join(sorted(values))
+
+
+def _split(text: str | None) -> frozenset[str]:
+    return frozenset(v for v in (text or "").split(",") if v)
+
+
+def _finished(key: FileKey, row: Sequence[Any]) -> Finished:
+    """A row of `_COLUMNS` after the file key."""
+    framework, run_id, start, end, status, tin, tout, cost, keys, projects, lease, unpriced = row
+    scope = Scope(_split(keys), _split(projects)) if keys is not None else None
+    leased: LeaseDeclaration | None = None
+    if lease:
+        with contextlib.suppress(ScopeDeclarationError, ValueError, TypeError):
+            leased = lease_from_json(json.loads(lease), source="index")
+    return Finished(
+        key,
+        framework,
+        run_id,
+        start,
+        end,
+        status,
+        tin,
+        tout,
+        cost,
+        scope,
+        leased,
+        tuple(sorted(_split(unpriced))),
+    )
+
+
+_COLUMNS = (
+    'framework, run_id, start, "end", status, tokens_in, tokens_out, cost_usd, '
+    "api_key_ids, project_ids, lease, unpriced"
+)
 
 
 def _row(f: Finished) -> tuple[Any, ...]:
@@ -98,6 +150,10 @@ def _row(f: Finished) -> tuple[Any, ...]:
         _int64(f.tokens_in),
         _int64(f.tokens_out),
         f.cost_usd,
+        _join(f.scope.api_key_ids) if f.scope is not None else None,
+        _join(f.scope.project_ids) if f.scope is not None else None,
+        json.dumps(f.lease.to_json()) if f.lease is not None else None,
+        _join(f.unpriced) or None,
     )
 
 
@@ -205,11 +261,11 @@ class Index:
 
         def work(db: sqlite3.Connection) -> Finished | None:
             row = db.execute(
-                'SELECT framework, run_id, start, "end", status, tokens_in, tokens_out, '
-                "cost_usd FROM finished WHERE path=? AND inode=? AND size=? AND mtime_ns=?",
+                f"SELECT {_COLUMNS} FROM finished "  # noqa: S608 - a constant column list
+                "WHERE path=? AND inode=? AND size=? AND mtime_ns=?",
                 (key.path, key.inode, key.size, key.mtime_ns),
             ).fetchone()
-            return Finished(key, *row) if row else None
+            return _finished(key, row) if row else None
 
         return self._guard(work, None)
 
@@ -230,7 +286,8 @@ class Index:
         def work(db: sqlite3.Connection) -> None:
             with _transaction(db):
                 db.executemany(
-                    "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", values
+                    "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    values,
                 )
 
         self._guard(work, None)
@@ -262,28 +319,53 @@ class Index:
 
         def work(db: sqlite3.Connection) -> list[Finished]:
             rows = db.execute(
-                'SELECT path, inode, size, mtime_ns, framework, run_id, start, "end", status, '
-                'tokens_in, tokens_out, cost_usd FROM finished WHERE "end" >= ? AND start <= ?',
+                f"SELECT path, inode, size, mtime_ns, {_COLUMNS} FROM finished "  # noqa: S608
+                'WHERE "end" >= ? AND start <= ?',
                 (start, end),
             )
-            return [Finished(FileKey(*r[:4]), *r[4:]) for r in rows]
+            return [_finished(FileKey(*r[:4]), r[4:]) for r in rows]
+
+        return self._guard(work, [])
+
+    def leased(self) -> list[tuple[LeaseDeclaration, str]]:
+        """(lease, status) of every finished run a lease gave its key."""
+
+        def work(db: sqlite3.Connection) -> list[tuple[LeaseDeclaration, str]]:
+            rows = db.execute("SELECT lease, status FROM finished WHERE lease IS NOT NULL")
+            out: list[tuple[LeaseDeclaration, str]] = []
+            for text, status in rows:
+                with contextlib.suppress(ScopeDeclarationError, ValueError, TypeError):
+                    out.append((lease_from_json(json.loads(text), source="index"), status))
+            return out
 
         return self._guard(work, [])
 
     def by_framework(self) -> dict[str, dict[str, Any]]:
-        """Settled runs per framework: count, tokens and cost (for /runs)."""
+        """Settled runs per framework: count, tokens and cost (for /runs). `cost_usd` sums
+        the complete costs only; `unpriced` counts the runs without one and
+        `unpriced_models` names the models that could not be priced: an unpriced run is
+        never counted as zero without saying so."""
 
         def work(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return db.execute(
                 "SELECT framework, status, count(*), sum(tokens_in), sum(tokens_out), "
-                "sum(cost_usd), sum(cost_usd IS NULL) FROM finished GROUP BY framework, status"
+                "sum(cost_usd), sum(cost_usd IS NULL), group_concat(unpriced) "
+                "FROM finished GROUP BY framework, status"
             ).fetchall()
 
         out: dict[str, dict[str, Any]] = {}
         fallback: list[tuple[Any, ...]] = []
-        for fw, status, n, tin, tout, cost, unpriced in self._guard(work, fallback):
+        for fw, status, n, tin, tout, cost, unpriced, models in self._guard(work, fallback):
             entry = out.setdefault(
-                fw, {"runs": {}, "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "unpriced": 0}
+                fw,
+                {
+                    "runs": {},
+                    "tokens_in": 0,
+                    "tokens_out": 0,
+                    "cost_usd": 0.0,
+                    "unpriced": 0,
+                    "unpriced_models": [],
+                },
             )
             entry["runs"][status] = n
             if status in ("verified", "ambiguous"):
@@ -291,6 +373,7 @@ class Index:
                 entry["tokens_out"] += tout or 0
                 entry["cost_usd"] = round(entry["cost_usd"] + (cost or 0.0), 9)
                 entry["unpriced"] += unpriced or 0
+                entry["unpriced_models"] = sorted(set(entry["unpriced_models"]) | _split(models))
         return out
 
     def counts(self) -> dict[str, int]:

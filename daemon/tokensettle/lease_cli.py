@@ -49,6 +49,7 @@ from tokensettle.admin_api import (
     AdminNotFoundError,
     AdminRequestError,
     LeasedKey,
+    client_for,
 )
 from tokensettle.config import ADMIN_KEY_ALIASES, ConfigError, Settings, load_settings
 from tokensettle.lease_args import add_arguments
@@ -67,7 +68,6 @@ from tokensettle.leases import (
     revoke,
 )
 from tokensettle.logs import configure
-from tokensettle.usage_api import RetryPolicy
 from tokensettle.usage_scope import SCOPE_FILE, Declaration, write_declaration
 
 __all__ = [
@@ -181,14 +181,7 @@ def admin_client(settings: Settings, session: aiohttp.ClientSession) -> AdminCli
             "admin_key: not set; export TOKENSETTLE_ADMIN_KEY (or OPENAI_ADMIN_KEY) with an "
             "admin key allowed to manage the lease project's service accounts and API keys"
         )
-    return AdminClient(
-        base_url=settings.api_base_url,
-        admin_key=key,
-        session=session,
-        rate_limit_per_min=settings.rate_limit_per_min,
-        request_timeout=settings.request_timeout.total_seconds(),
-        retry=RetryPolicy(attempts=settings.request_attempts),
-    )
+    return client_for(settings, session, key)
 
 
 def _project(settings: Settings) -> str:

@@ -65,6 +65,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.revocations = Counter(
+            "tokensettle_lease_revocations",
+            "Deletes of leased keys, by result (revoked, already_gone, failed, auth_error)",
+            ["result"],
+            registry=r,
+        )
         self.poll_rounds = Counter(
             "tokensettle_poll_rounds", "Poll rounds run on the poll grid", registry=r
         )

@@ -49,6 +49,12 @@ from tokensettle.stability import (
 from tokensettle.states import NOT_DUE, SKIPPED, TOO_OLD, shown_state
 from tokensettle.usage import Scope, Usage, UsageRow
 from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
+from tokensettle.usage_scope import (
+    MAX_SCOPE_BYTES,
+    SCOPE_FILE,
+    ScopeDeclarationError,
+    load_declaration,
+)
 from tokensettle.windows import Activity, Interval, merge_windows
 from tokensettle.writeback import RunWriter, Written
 
@@ -125,6 +131,8 @@ class BatchReport:
     requests: int = 0
     auth_error: str | None = None
     dry_run: bool = False
+    #: every readable run of the batch as it stands after it (written ones as written)
+    records: list[RunRecord] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:
@@ -151,12 +159,36 @@ def load_runs(found: Iterable[Found], grace: int) -> list[Loaded]:
         try:
             check_inside(item.path, item.root)
             entry.snapshot = read_snapshot(item.path)
-            entry.record = parse_run(entry.snapshot.raw, item.path, item.framework, grace)
+            record = parse_run(entry.snapshot.raw, item.path, item.framework, grace)
+            entry.record = with_declared_scope(record)
         except (RunFileError, UnsafeFileError) as exc:
             entry.error = str(exc) if isinstance(exc, RunFileError) else exc.strerror
         except OSError as exc:
             entry.error = f"cannot read: {exc.strerror or exc}"
     return loaded
+
+
+def with_declared_scope(record: RunRecord) -> RunRecord:
+    """The record with the scope `usage_scope.json` beside it declares, if there is one.
+    Blocking (reads the file). A declaration that cannot be read or parsed, or that
+    differs from the one inside metrics.json, is a RunFileError: the run is `error`."""
+    path = record.path.with_name(SCOPE_FILE)
+    try:
+        raw = read_snapshot(path, MAX_SCOPE_BYTES).raw
+    except FileNotFoundError:
+        return record
+    except OSError as exc:
+        raise RunFileError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        declared = load_declaration(raw, source=str(path))
+    except ScopeDeclarationError as exc:
+        raise RunFileError(str(exc)) from None
+    if record.declared is not None and record.declared.to_json() != declared.to_json():
+        raise RunFileError(
+            f"{path} and the usage_scope field of metrics.json declare different scopes; "
+            "keep one of them"
+        )
+    return replace(record, declared=declared)
 
 
 # ------------------------------------------------------------------- planning (pure)
@@ -323,10 +355,13 @@ class RunRef:
     framework: str
     run_id: str
     activity: Activity
+    #: the run's declared scope; None: its framework's
+    scope: Scope | None = None
 
     @staticmethod
     def of(record: RunRecord) -> RunRef:
-        return RunRef(record.path, record.framework, record.run_id, record.activity)
+        declared = record.declared.scope() if record.declared is not None else None
+        return RunRef(record.path, record.framework, record.run_id, record.activity, declared)
 
 
 def _record(entry: Loaded) -> RunRecord:
@@ -362,7 +397,12 @@ class Reconciler:
         self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
 
     def scope_of(self, record: RunRecord | RunRef) -> Scope:
-        return self.settings.scope_for(record.framework)
+        """A run's declared scope replaces its framework's."""
+        if isinstance(record, RunRef):
+            declared = record.scope
+        else:
+            declared = record.declared.scope() if record.declared is not None else None
+        return declared if declared is not None else self.settings.scope_for(record.framework)
 
     def survey(self) -> list[Loaded]:
         return load_runs(scan_all(list(self.settings.runs_dirs)), self.grace)
@@ -434,6 +474,8 @@ class Reconciler:
                 report.outcomes.append(
                     await asyncio.to_thread(self._settle, result, policy, now, dry_run)
                 )
+        after = {o.path: o.after.record for o in report.outcomes if o.after and o.after.record}
+        report.records = [after.get(e.found.path, e.record) for e in loaded if e.record is not None]
         return report
 
     async def poll(
@@ -517,7 +559,12 @@ class Reconciler:
             "tool": TOOL_NAME,
             "version": __version__,
             "endpoint": f"{self.settings.api_base_url}/organization/usage/completions",
-            "scope": {**scope.to_json(), "framework": record.framework},
+            "scope": {
+                **scope.to_json(),
+                "framework": record.framework,
+                "declared": record.declared.to_json() if record.declared else None,
+                "declared_in": record.declared.source if record.declared else None,
+            },
             "window_source": record.window_source,
         }
         if fetched.result is not None:

@@ -85,6 +85,7 @@ class _Scan:
 
 def finished_row(key: FileKey, record: RunRecord) -> Finished:
     written = record.written
+    declared = record.declared
     return Finished(
         key,
         record.framework,
@@ -95,6 +96,9 @@ def finished_row(key: FileKey, record: RunRecord) -> Finished:
         written.tokens_in if written else None,
         written.tokens_out if written else None,
         record.cost_usd,
+        declared.scope() if declared is not None else None,
+        declared.lease if declared is not None else None,
+        record.unpriced,
     )
 
 
@@ -235,6 +239,12 @@ class Registry:
             return out
 
         await self.look(await asyncio.to_thread(find))
+
+    async def rescope(self, paths: list[Path]) -> None:
+        """Runs whose declared scope file changed: read them again, settled ones too (the
+        index would skip an unchanged metrics.json)."""
+        self.index.forget([str(p) for p in paths])
+        await self.look(paths, trailing=True)
 
     def forget(self, path: Path) -> None:
         self.tracked.pop(path, None)
@@ -392,7 +402,9 @@ class Registry:
         grace = self._grace()
         for row in self.index.overlapping(lo, hi):
             activity = Activity(row.start, row.end, grace)
-            owners.append(RunRef(Path(row.key.path), row.framework, row.run_id, activity))
+            owners.append(
+                RunRef(Path(row.key.path), row.framework, row.run_id, activity, row.scope)
+            )
         return owners
 
     # ------------------------------------------------------------------ for HTTP

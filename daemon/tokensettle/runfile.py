@@ -31,6 +31,7 @@ from tokensettle.compare import LocalCounts, local_counts_from_document
 from tokensettle.logs import REDACTED
 from tokensettle.stability import AttemptRecord, Status, Totals, Verdict, parse_status
 from tokensettle.usage import Usage
+from tokensettle.usage_scope import Declaration, ScopeDeclarationError, declaration_from_metrics
 from tokensettle.windows import Activity, Interval
 
 BLOCK = "usage_api_reconciliation"
@@ -90,6 +91,10 @@ class RunRecord:
     local: LocalCounts = field(default_factory=LocalCounts)
     #: the run's complete cost as we recorded it (None: not settled, or not fully priced)
     cost_usd: float | None = None
+    #: the run's own scope (`usage_scope` in the file, or `usage_scope.json` beside it)
+    declared: Declaration | None = None
+    #: models the recorded cost could not price (the cost is then not complete)
+    unpriced: tuple[str, ...] = ()
 
     @property
     def window(self) -> Interval:
@@ -321,6 +326,14 @@ def _refuse_deep(doc: Any) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
 
 
+def _recorded_unpriced(block: Mapping[str, Any]) -> tuple[str, ...]:
+    cost = block.get("cost")
+    unpriced = cost.get("unpriced") if isinstance(cost, dict) else None
+    if isinstance(unpriced, dict):
+        return tuple(sorted(str(k) for k in unpriced))
+    return ()
+
+
 def load_document(raw: bytes) -> dict[str, Any]:
     """The JSON object of a run file, or RunFileError with a one-line reason for anything
     we could not write back intact."""
@@ -382,6 +395,10 @@ def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
     provenance = block.get("provenance")
     ours = isinstance(provenance, dict) and provenance.get("tool") == TOOL_NAME
     model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    try:
+        declared = declaration_from_metrics(doc, source=str(path))
+    except ScopeDeclarationError as exc:
+        raise RunFileError(str(exc)) from None
     return RunRecord(
         path=path,
         framework=framework,
@@ -397,6 +414,8 @@ def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
         message=str(block["verification_message"]) if block.get("verification_message") else None,
         local=local_counts_from_document(doc, tool=TOOL_NAME),
         cost_usd=_recorded_cost(block),
+        declared=declared,
+        unpriced=_recorded_unpriced(block),
     )
 
 

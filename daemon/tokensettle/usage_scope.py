@@ -204,7 +204,8 @@ def _time(obj: Mapping[str, Any], name: str, source: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _lease(value: object, source: str) -> LeaseDeclaration:
+def lease_from_json(value: object, *, source: str) -> LeaseDeclaration:
+    """A `lease` object as `LeaseDeclaration.to_json` writes it (ScopeDeclarationError)."""
     if not isinstance(value, Mapping):
         raise _fail(source, "lease", f"is {_type_name(value)}, expected an object")
     _refuse_unknown(value, _LEASE_KEYS, source, "lease")
@@ -248,7 +249,7 @@ def parse_declaration(obj: object, *, source: str) -> Declaration:
         raise _fail(source, "provider", f"{provider!r} is reserved and not supported yet")
     keys = _ids(obj, "api_key_ids", KEY_ID_PATTERN, "key", source)
     projects = _ids(obj, "project_ids", PROJECT_ID_PATTERN, "project", source)
-    lease = _lease(obj["lease"], source) if obj.get("lease") is not None else None
+    lease = lease_from_json(obj["lease"], source=source) if obj.get("lease") is not None else None
     if not keys and not projects:
         raise _fail(
             source,

@@ -36,6 +36,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from tokensettle.discovery import RUN_FILE
+from tokensettle.usage_scope import SCOPE_FILE
 
 log = structlog.get_logger("tokensettle.watcher")
 
@@ -115,16 +116,24 @@ class _Handler(FileSystemEventHandler):
                 path = Path(os.fsdecode(raw))
                 if path.name == RUN_FILE:
                     self._deliver(kind, path)
+                elif path.name == SCOPE_FILE:
+                    self._deliver("scope", path)
         elif isinstance(event, FileClosedEvent):
             # Closed after writing: an in-place writer is done, read it now rather than
             # after SETTLE_DELAY (its creation event found it empty).
             path = Path(os.fsdecode(event.src_path))
             if path.name == RUN_FILE:
                 self._deliver("complete", path)
+            elif path.name == SCOPE_FILE:
+                self._deliver("scope", path)
         elif isinstance(event, _INTERESTING):
             path = Path(os.fsdecode(event.src_path))
             if path.name == RUN_FILE:
                 self._deliver("file", path)
+            elif path.name == SCOPE_FILE:
+                # A run's declared scope (written before or after its metrics.json; a
+                # lease links it into place, which gives a creation event only).
+                self._deliver("scope", path)
 
 
 class _OverflowHook(logging.Handler):
@@ -149,7 +158,8 @@ class WatchedRoot:
 class Watcher:
     """Watches roots; calls `on_file(path)` (a run file may have changed or gone),
     `on_complete(path)` (a run file was just closed after writing, or renamed into
-    place), `on_dir(path)` (a directory appeared), `on_gone(path)` (a directory left) and
+    place), `on_scope(path)` (a run's `usage_scope.json` appeared or changed),
+    `on_dir(path)` (a directory appeared), `on_gone(path)` (a directory left) and
     `on_overflow()` on the loop."""
 
     def __init__(
@@ -163,12 +173,14 @@ class Watcher:
         on_overflow: Callable[[], None],
         on_gone: Callable[[Path], None],
         on_complete: Callable[[Path], None] | None = None,
+        on_scope: Callable[[Path], None] | None = None,
         poll_interval: float = 10.0,
     ) -> None:
         self._loop = loop
         self._handlers = {
             "file": on_file,
             "complete": on_complete or on_file,
+            "scope": on_scope or (lambda p: on_file(p.with_name(RUN_FILE))),
             "dir": on_dir,
             "gone": on_gone,
         }

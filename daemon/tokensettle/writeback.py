@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -85,10 +85,14 @@ class RunWriter:
             return Written(False, error)
         if not result.written:
             return Written(False)
+        after: RunRecord | None
         try:
-            after = parse_run(result.raw, record.path, record.framework, self.grace)
+            parsed = parse_run(result.raw, record.path, record.framework, self.grace)
         except RunFileError:
             after = None
+        else:
+            # A declaration beside the file is not in these bytes; our write left it alone.
+            after = replace(parsed, declared=record.declared)
         snapshot = _snapshot_of(record.path, result.raw)
         return Written(True, None, snapshot, after)
 
