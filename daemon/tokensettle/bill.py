@@ -134,14 +134,6 @@ def line_item_model(line_item: str | None) -> str | None:
 # ------------------------------------------------------------------ results
 
 
-def _within(diff: Decimal, billed: Decimal, tolerance: Decimal) -> bool:
-    return abs(diff) <= max(tolerance * abs(billed), MIN_DIFFERENCE_USD)
-
-
-def _percent(diff: Decimal | None, billed: Decimal) -> Decimal | None:
-    return None if diff is None or billed == 0 else diff / billed * 100
-
-
 @dataclass(frozen=True, slots=True)
 class PricedUsage:
     """A usage row of our side and its price (in its service tier / batch context)."""
@@ -169,8 +161,45 @@ class PricedUsage:
         return out
 
 
+class _Compared:
+    """Billed beside priced: the difference, its percent of the bill, whether it is within
+    tolerance. Subclasses give the amounts."""
+
+    tolerance: Decimal
+
+    @property
+    def billed_usd(self) -> Decimal:
+        raise NotImplementedError
+
+    @property
+    def priced_usd(self) -> Decimal:
+        raise NotImplementedError
+
+    @property
+    def complete(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def diff_usd(self) -> Decimal | None:
+        """Priced minus billed; None when part of the usage is unpriced."""
+        return self.priced_usd - self.billed_usd if self.complete else None
+
+    @property
+    def diff_pct(self) -> Decimal | None:
+        diff = self.diff_usd
+        return None if diff is None or self.billed_usd == 0 else diff / self.billed_usd * 100
+
+    @property
+    def within(self) -> bool | None:
+        """Whether the difference is within tolerance (None: unknown, incomplete)."""
+        diff = self.diff_usd
+        if diff is None:
+            return None
+        return abs(diff) <= max(self.tolerance * abs(self.billed_usd), MIN_DIFFERENCE_USD)
+
+
 @dataclass(frozen=True)
-class ModelCheck:
+class ModelCheck(_Compared):
     """One model (or the snapshots two line-item spellings share): its line items beside
     its priced usage."""
 
@@ -201,20 +230,11 @@ class ModelCheck:
         return not self.unpriced
 
     @property
-    def diff_usd(self) -> Decimal | None:
-        """Priced minus billed; None when part of the usage is unpriced."""
-        return self.priced_usd - self.billed_usd if self.complete else None
-
-    @property
-    def diff_pct(self) -> Decimal | None:
-        return _percent(self.diff_usd, self.billed_usd)
-
-    @property
     def verdict(self) -> Verdict:
-        diff = self.diff_usd
-        if diff is None:
+        within = self.within
+        if within is None:
             return "incomplete"
-        return "ok" if _within(diff, self.billed_usd, self.tolerance) else "mismatch"
+        return "ok" if within else "mismatch"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -226,7 +246,7 @@ class ModelCheck:
 
 
 @dataclass(frozen=True)
-class DayCheck:
+class DayCheck(_Compared):
     """One UTC day of one project."""
 
     day: date
@@ -256,24 +276,13 @@ class DayCheck:
         return tuple(p for m in self.models for p in m.unpriced)
 
     @property
-    def diff_usd(self) -> Decimal | None:
-        return self.priced_usd - self.billed_usd if self.complete else None
-
-    @property
-    def diff_pct(self) -> Decimal | None:
-        return _percent(self.diff_usd, self.billed_usd)
-
-    @property
     def verdict(self) -> Verdict:
         if not self.models:
             return "not_compared"
-        verdicts = {m.verdict for m in self.models}
-        diff = self.diff_usd
-        if "mismatch" in verdicts or (
-            diff is not None and not _within(diff, self.billed_usd, self.tolerance)
-        ):
+        within = self.within
+        if within is False or any(m.verdict == "mismatch" for m in self.models):
             return "mismatch"
-        return "incomplete" if diff is None else "ok"
+        return "incomplete" if within is None else "ok"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -40,11 +40,13 @@ from tokensettle.simulator.scenario import (
     UsageQuery,
     VirtualRequest,
     _bad_request,
-    _parse_time,
     _sort_key,
     decode_cursor,
     encode_cursor,
     grid_for,
+    parse_group_by,
+    parse_limit,
+    parse_range,
     split_params,
 )
 from tokensettle.usage import Usage
@@ -328,41 +330,15 @@ class CostsQuery:
 def parse_costs_query(pairs: Sequence[tuple[str, str]]) -> CostsQuery:
     """Validate a costs query (ApiError 400 otherwise)."""
     scalars, arrays = split_params(pairs, _ARRAYS, _SCALARS)
-    if "start_time" not in scalars:
-        raise _bad_request("Missing required parameter: 'start_time'.", "start_time")
-    start = _parse_time("start_time", scalars["start_time"])
-    end: int | None = None
-    if "end_time" in scalars:
-        end = _parse_time("end_time", scalars["end_time"])
-        if end <= start:
-            raise _bad_request("'end_time' must be greater than 'start_time'.", "end_time")
+    start, end = parse_range(scalars)
     width = scalars.get("bucket_width", "1d")
     if width != "1d":
         raise _bad_request(
             f"Invalid value for 'bucket_width': {width!r}. Only '1d' is supported.",
             "bucket_width",
         )
-    limit = DEFAULT_LIMIT
-    if "limit" in scalars:
-        raw = scalars["limit"]
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-            raise _bad_request(
-                f"Invalid value for 'limit': {raw!r}. The limit must be an integer between 1 "
-                f"and {MAX_LIMIT}.",
-                "limit",
-            )
-        limit = int(raw)
-    group_by: list[str] = []
-    for value in arrays["group_by"]:
-        if value not in GROUP_BY_VALUES:
-            raise _bad_request(
-                f"Invalid value for 'group_by': {value!r}. Supported values are "
-                + ", ".join(f"'{v}'" for v in GROUP_BY_VALUES)
-                + ".",
-                "group_by",
-            )
-        if value not in group_by:
-            group_by.append(value)
+    limit = parse_limit(scalars, width, DEFAULT_LIMIT, MAX_LIMIT)
+    group_by = parse_group_by(arrays["group_by"], GROUP_BY_VALUES)
     paging = UsageQuery(
         start_time=start,
         end_time=end,
@@ -372,7 +348,7 @@ def parse_costs_query(pairs: Sequence[tuple[str, str]]) -> CostsQuery:
     )
     return CostsQuery(
         paging=paging,
-        group_by=tuple(group_by),
+        group_by=group_by,
         project_ids=frozenset(arrays["project_ids"]),
         api_key_ids=frozenset(arrays["api_key_ids"]),
     )

@@ -633,13 +633,8 @@ def split_params(
     return scalars, arrays
 
 
-def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
-    """Validate a query given as decoded (key, value) pairs, in order.
-
-    Arrays are accepted as repeated `k=v`, as `k[]=v` and as comma-joined `k=a,b` (and any
-    mixture). A scalar given twice is refused. Unknown parameters are ignored.
-    """
-    scalars, arrays = split_params(pairs, ARRAY_PARAMS, SCALAR_PARAMS)
+def parse_range(scalars: Mapping[str, str]) -> tuple[int, int | None]:
+    """`start_time` (required) and `end_time` (optional, after the start)."""
     if "start_time" not in scalars:
         raise _bad_request("Missing required parameter: 'start_time'.", "start_time")
     start = _parse_time("start_time", scalars["start_time"])
@@ -648,6 +643,47 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
         end = _parse_time("end_time", scalars["end_time"])
         if end <= start:
             raise _bad_request("'end_time' must be greater than 'start_time'.", "end_time")
+    return start, end
+
+
+def parse_limit(scalars: Mapping[str, str], width: str, default: int, most: int) -> int:
+    """`limit`: buckets per page, 1..`most`, `default` when absent."""
+    if "limit" not in scalars:
+        return default
+    raw = scalars["limit"]
+    if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= most:
+        raise _bad_request(
+            f"Invalid value for 'limit': {raw!r}. With bucket_width={width} the limit "
+            f"must be an integer between 1 and {most}.",
+            "limit",
+        )
+    return int(raw)
+
+
+def parse_group_by(values: Iterable[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    """`group_by` values, each one of `allowed`, repeats dropped, in the order given."""
+    group_by: list[str] = []
+    for value in values:
+        if value not in allowed:
+            raise _bad_request(
+                f"Invalid value for 'group_by': {value!r}. Supported values are "
+                + ", ".join(f"'{v}'" for v in allowed)
+                + ".",
+                "group_by",
+            )
+        if value not in group_by:
+            group_by.append(value)
+    return tuple(group_by)
+
+
+def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
+    """Validate a query given as decoded (key, value) pairs, in order.
+
+    Arrays are accepted as repeated `k=v`, as `k[]=v` and as comma-joined `k=a,b` (and any
+    mixture). A scalar given twice is refused. Unknown parameters are ignored.
+    """
+    scalars, arrays = split_params(pairs, ARRAY_PARAMS, SCALAR_PARAMS)
+    start, end = parse_range(scalars)
     width = scalars.get("bucket_width", DEFAULT_BUCKET_WIDTH)
     if width not in BUCKET_WIDTHS:
         raise _bad_request(
@@ -655,28 +691,8 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
             "and '1d'.",
             "bucket_width",
         )
-    default_limit, max_limit = LIMITS[width]
-    limit = default_limit
-    if "limit" in scalars:
-        raw = scalars["limit"]
-        if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= max_limit:
-            raise _bad_request(
-                f"Invalid value for 'limit': {raw!r}. With bucket_width={width} the limit "
-                f"must be an integer between 1 and {max_limit}.",
-                "limit",
-            )
-        limit = int(raw)
-    group_by: list[str] = []
-    for value in arrays["group_by"]:
-        if value not in GROUP_BY_VALUES:
-            raise _bad_request(
-                f"Invalid value for 'group_by': {value!r}. Supported values are "
-                + ", ".join(f"'{v}'" for v in RESULT_DIMENSIONS)
-                + ".",
-                "group_by",
-            )
-        if value not in group_by:
-            group_by.append(value)
+    limit = parse_limit(scalars, width, *LIMITS[width])
+    group_by = parse_group_by(arrays["group_by"], RESULT_DIMENSIONS)
     batch: bool | None = None
     if "batch" in scalars:
         raw = scalars["batch"].lower()
@@ -689,7 +705,7 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
         end_time=end,
         bucket_width=width,
         limit=limit,
-        group_by=tuple(group_by),
+        group_by=group_by,
         project_ids=frozenset(arrays["project_ids"]),
         user_ids=frozenset(arrays["user_ids"]),
         api_key_ids=frozenset(arrays["api_key_ids"]),
