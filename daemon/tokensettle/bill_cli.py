@@ -14,7 +14,13 @@ The top-level CLI needs two lines: `bill_cli.add_arguments(sub.add_parser("bill"
 in its parser and `return bill_cli.main(args)` for `args.command == "bill"`.
 `python -m tokensettle.bill_cli ...` runs the same thing on its own. `check_for_report`
 is the hook for a section of `tokensettle report`.
+
+Like `cli`, it imports what it runs when it runs: building the parser loads neither the
+settings model nor aiohttp nor the price table.
 """
+
+# Imports inside the functions are the point (see above).
+# ruff: noqa: PLC0415
 
 from __future__ import annotations
 
@@ -24,17 +30,13 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
+from tokensettle.errors import EXIT_AUTH, EXIT_OK, EXIT_RUNS_FAILED, EXIT_USAGE, ConfigError
 
-from tokensettle.bill import BillCheck, BillUnavailable, compare, render_json, render_table
-from tokensettle.billing_api import fetch_bill_data
-from tokensettle.cli import _client
-from tokensettle.config import ConfigError, Settings, load_settings
-from tokensettle.errors import EXIT_AUTH, EXIT_OK, EXIT_RUNS_FAILED, EXIT_USAGE
-from tokensettle.logs import configure, fatal
-from tokensettle.usage_api import AuthError, UsageApiError
+if TYPE_CHECKING:
+    from tokensettle.bill import BillCheck, BillUnavailable
+    from tokensettle.config import Settings
 
 __all__ = [
     "DEFAULT_DAYS",
@@ -104,6 +106,12 @@ async def run_check(
     now: datetime | None = None,
 ) -> BillCheck:
     """Fetch both sides and compare. Raises ConfigError (no admin key) or UsageApiError."""
+    import aiohttp
+
+    from tokensettle.bill import compare
+    from tokensettle.billing_api import fetch_bill_data
+    from tokensettle.cli import _client
+
     now = now or datetime.now(UTC)
     start, end = days_window(days, now)
     async with aiohttp.ClientSession() as session:
@@ -129,6 +137,9 @@ def check_for_report(
 ) -> BillCheck | BillUnavailable:
     """The bill check for a section of `tokensettle report` (`bill.report_section`): never
     raises for a missing key or a failed request, which the section then names."""
+    from tokensettle.bill import BillUnavailable
+    from tokensettle.usage_api import AuthError, UsageApiError
+
     try:
         return asyncio.run(run_check(settings, days=days, projects=projects, now=now))
     except ConfigError as exc:
@@ -141,6 +152,11 @@ def check_for_report(
 
 def main(args: argparse.Namespace) -> int:
     """Run `bill` with parsed arguments; the exit code (module docstring)."""
+    from tokensettle.bill import render_json, render_table
+    from tokensettle.config import load_settings
+    from tokensettle.logs import configure, fatal
+    from tokensettle.usage_api import AuthError, UsageApiError
+
     try:
         settings = load_settings({}, config_file=args.config)
     except ConfigError as exc:

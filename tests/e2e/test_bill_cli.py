@@ -156,3 +156,17 @@ async def test_an_unreachable_api_exits_1_with_one_line(bill: Bill) -> None:
     assert result.code == 1
     (line,) = result.err.strip().splitlines()[-1:]
     assert "bill:" in line and "Traceback" not in result.err
+
+
+async def test_the_parser_loads_nothing_heavy() -> None:
+    """`tokensettle --version` and usage errors stay fast when the CLI names `bill`."""
+    code = (
+        "import argparse, sys; import tokensettle.bill_cli as b; "
+        "b.add_arguments(argparse.ArgumentParser()); "
+        "print(sorted(m for m in ('aiohttp', 'pydantic', 'genai_prices') if m in sys.modules))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0 and out.decode().strip() == "[]"

@@ -321,3 +321,13 @@ def test_nothing_at_all() -> None:
     result = check([], [])
     assert result.days == () and result.verdict == "ok"
     assert "No completions usage or cost" in render_table(result)
+
+
+def test_bill_tolerance_is_a_fraction_setting() -> None:
+    from tokensettle.config import ConfigError, load_settings
+
+    assert load_settings({}, environ={}).bill_tolerance == 0.02
+    assert load_settings({}, environ={"TOKENSETTLE_BILL_TOLERANCE": "0.1"}).bill_tolerance == 0.1
+    for bad in ("2", "-0.01", "2%"):
+        with pytest.raises(ConfigError, match="bill_tolerance"):
+            load_settings({}, environ={"TOKENSETTLE_BILL_TOLERANCE": bad})
