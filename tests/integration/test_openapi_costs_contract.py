@@ -218,3 +218,31 @@ async def test_costs_error_envelopes_conform(
                 spec_request(query, path=COSTS_PATH), spec_response(status, headers, body)
             )
     assert [e.status for e in sim.app[COSTS].log] == [c[2] for c in cases]
+
+
+async def test_costs_pages_conform_to_the_admin_extract(
+    sim: RunningSimulator, session: aiohttp.ClientSession
+) -> None:
+    """The admin extract narrows bucket results to CostsResult: a costs page must hold
+    nothing else (a completions result would pass the usage extract's oneOf)."""
+    import yaml
+
+    from tests.conftest import SHARED, need_shared
+
+    path = need_shared(SHARED / "reference" / "openai-admin-api.yaml")
+    admin = OpenAPI.from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    for query in _queries()[:3]:
+        status, headers, body = await get(session, sim, query)
+        assert status == 200
+        admin.validate_response(
+            spec_request(query, path=COSTS_PATH), spec_response(status, headers, body)
+        )
+    query = _queries()[0]
+    status, headers, body = await get(session, sim, query)
+    usage_result = b'"object": "organization.usage.completions.result"'
+    wrong = body.replace(b'"object": "organization.costs.result"', usage_result, 1)
+    assert wrong != body
+    with pytest.raises(InvalidData):
+        admin.validate_response(
+            spec_request(query, path=COSTS_PATH), spec_response(status, headers, wrong)
+        )
