@@ -536,7 +536,7 @@ def uncovered_rows(check: BillCheck) -> list[list[str]]:
     for day in check.days:
         for line in day.uncovered:
             amount = usd(line.amount) if line.currency == USD else f"{line.amount} {line.currency}"
-            quantity = "-" if line.quantity is None else f"{line.quantity:,}"
+            quantity = "-" if line.quantity is None else format(line.quantity.normalize(), ",f")
             unit = f" {line.quantity_unit}" if line.quantity_unit and line.quantity else ""
             out.append(
                 [

@@ -53,6 +53,10 @@ DEFAULT_DAYS: Final = 7
 #: A guard against a typo, not a limit of the API (which pages on).
 MAX_DAYS: Final = 366
 SCOPE_HINT: Final = "the costs endpoint needs an admin key with the api.usage.read scope"
+DESCRIPTION: Final = (
+    "Per UTC day and project, the costs OpenAI bills beside the same completions usage "
+    "priced by tokensettle, with the difference and a verdict against BILL_TOLERANCE."
+)
 
 
 def _days(text: str) -> int:
@@ -87,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokensettle bill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tokensettle bill", description=DESCRIPTION)
     add_arguments(parser)
     return parser
 

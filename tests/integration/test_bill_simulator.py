@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tokensettle.bill import DAY, BillCheck, BillUnavailable
+from tokensettle.bill import DAY, BillCheck, BillUnavailable, render_table
 from tokensettle.bill_cli import check_for_report, run_check
 from tokensettle.billing_api import fetch_bill_data
 from tokensettle.config import Settings, load_settings
@@ -210,6 +210,7 @@ async def test_line_items_completions_do_not_cover_are_shown_apart(
     day = next(d for d in check.days if d.project_id == "proj_a" and d.uncovered)
     assert day.uncovered[0].line_item == "text-embedding-3-small, input"
     assert day.uncovered[0].quantity == 21_000_000 and day.verdict == "ok"
+    assert "21,000,000 tokens" in render_table(check)
     web = next(d for d in check.days if d.project_id == "proj_c")
     assert web.verdict == "not_compared" and web.models == ()
 
