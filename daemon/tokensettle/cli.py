@@ -144,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("simulate", help="serve the built-in Usage API simulator")
     )
 
+    from tokensettle.bill_cli import add_arguments as bill_arguments
     from tokensettle.lease_args import add_arguments as lease_arguments
 
     lease_arguments(sub)
+    bill_arguments(sub.add_parser("bill", help="what OpenAI bills beside our prices, per day"))
 
     sub.add_parser("demo", help="the whole story on the simulator, in about 20 seconds")
     return parser
@@ -474,6 +476,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return simulator_cli.main(args)
 
 
+def _bill(args: argparse.Namespace) -> int:
+    from tokensettle import bill_cli
+
+    return bill_cli.main(args)
+
+
 def _lease(args: argparse.Namespace) -> int:
     from tokensettle import lease_cli
 
@@ -495,6 +503,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "doctor": _doctor,
     "simulate": _simulate,
     "lease": _lease,
+    "bill": _bill,
     "demo": _demo,
 }
 

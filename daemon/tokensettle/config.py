@@ -204,6 +204,9 @@ class Settings(BaseSettings):
     request_attempts: int = Field(default=5, ge=1, le=20)
     apportion_tolerance: float = Field(default=0.01, ge=0, le=1)
     local_tolerance: float = Field(default=0.05, ge=0, le=10)
+    #: `tokensettle bill`: how far our priced usage may differ from the bill (a fraction of
+    #: the billed amount, 0.02 = 2%) before a day is a mismatch
+    bill_tolerance: float = Field(default=0.02, ge=0, le=1)
     state_dir: Path = Path.home() / ".local" / "state" / "tokensettle"
     http_addr: str = "127.0.0.1:9464"
     #: with it, everything on HTTP_ADDR but /healthz and /metrics needs `Bearer <token>`

@@ -31,8 +31,12 @@ reported as such.
 
   Absent optional fields are not passed (genai-prices then treats them as 0, or refuses when
   the model prices a split the data does not carry, which gives `Unpriced`).
-* Standard tier: the Usage API rows are not grouped by `service_tier`/`batch`, so batch, flex
-  and priority discounts or surcharges are not applied.
+* Standard tier unless told: a run's usage rows are not grouped by `service_tier`/`batch`,
+  so a run is priced at standard prices. The bill check's daily rows are, and pass a
+  *price context* (`price_context(service_tier, batch)`: `{"processing": "batch"}`,
+  `{"service_tier": "flex"}`, ...), which selects genai-prices' price variants. A context
+  no variant of the model prices (batch usage of a model the table has no batch price for)
+  is `Unpriced` (`no_variant_price`), never the standard price.
 * The Usage API sums many requests. Prices that depend on one request's size (tiers above a
   prompt length) are exact only when the whole usage stays below the first tier or is one
   request; otherwise the model is `Unpriced` rather than priced at a guessed tier. The same
@@ -73,8 +77,15 @@ DEFAULT_PROVIDER = "openai"
 MTOK = 1_000_000
 
 UnpricedKind = Literal[
-    "unknown_model", "invalid_usage", "tiered_price", "per_request_price", "no_model"
+    "unknown_model",
+    "invalid_usage",
+    "tiered_price",
+    "per_request_price",
+    "no_model",
+    "no_variant_price",
 ]
+#: The service tier whose prices are the table's standard ones.
+STANDARD_TIER = "default"
 
 _REGISTRY = UnitRegistry(unit_data)
 _UNIT_BY_DIMENSIONS: dict[frozenset[tuple[str, str]], UnitDef] = {
@@ -167,6 +178,8 @@ class Priced:
     source_version: str = PRICE_SOURCE_VERSION
     #: "bundled" (the table shipped with the package) or when an auto-update fetched it
     data_snapshot: str = "bundled"
+    #: The price context the variants were chosen by (empty: standard prices)
+    context: tuple[tuple[str, str], ...] = ()
 
     def component(self, name: str) -> Decimal:
         return sum((c.usd for c in self.components if c.name == name), Decimal(0))
@@ -186,6 +199,7 @@ class Priced:
             if self.effective_until
             else None,
             "notes": list(self.notes),
+            **({"price_context": dict(self.context)} if self.context else {}),
         }
 
 
@@ -347,14 +361,57 @@ def _uncached_counterpart(unit: UnitDef, priced: Mapping[str, UnitDef]) -> UnitD
     return priced["input_tokens"]
 
 
+def price_context(service_tier: str | None, batch: bool | None) -> dict[str, str]:
+    """The genai-prices price context of usage in `service_tier` (None or "default": the
+    standard prices) and, when `batch`, of the Batch API."""
+    context: dict[str, str] = {}
+    if batch:
+        context["processing"] = "batch"
+    if service_tier is not None and service_tier != STANDARD_TIER:
+        context["service_tier"] = service_tier
+    return context
+
+
+def _context_words(key: str, value: str) -> str:
+    if key == "processing" and value == "batch":
+        return "batch"
+    if key == "service_tier":
+        return f"service tier {value!r}"
+    return f"{key}={value!r}"
+
+
+def _unvaried(calc: PriceCalculation, context: Mapping[str, str], at: datetime) -> list[str]:
+    """The parts of `context` no price variant of the chosen model prices at `at` (genai-prices
+    then silently keeps the standard price for them)."""
+    if not any(calc.model is m for m in calc.provider.models):
+        # a model borrowed from another provider's table: genai-prices ignores the context
+        return [_context_words(k, v) for k, v in sorted(context.items())]
+    missing: list[str] = []
+    for key, value in sorted(context.items()):
+        covered = any(
+            variant.when.get(key) == value
+            and all(context.get(k) == v for k, v in variant.when.items())
+            and (variant.constraint is None or variant.constraint.active(at))
+            for variant in calc.model.price_variants or ()
+        )
+        if not covered:
+            missing.append(_context_words(key, value))
+    return missing
+
+
 def _lookup(
-    usage_values: dict[str, int], name: str, provider_id: str, at: datetime
+    usage_values: dict[str, int],
+    name: str,
+    provider_id: str,
+    at: datetime,
+    context: Mapping[str, str] | None = None,
 ) -> PriceCalculation:
     return genai_prices.calc_price(
         genai_prices.Usage(**usage_values),
         name,
         provider_id=provider_id,
         genai_request_timestamp=at,
+        price_context=context or None,
     )
 
 
@@ -364,9 +421,16 @@ def _require_aware(at: datetime) -> None:
 
 
 def price(
-    model: str, usage: Usage, at: datetime, *, provider_id: str = DEFAULT_PROVIDER
+    model: str,
+    usage: Usage,
+    at: datetime,
+    *,
+    provider_id: str = DEFAULT_PROVIDER,
+    context: Mapping[str, str] | None = None,
 ) -> Priced | Unpriced:
-    """Price `usage` of `model` (a snapshot name from usage data) at the prices of `at`."""
+    """Price `usage` of `model` (a snapshot name from usage data) at the prices of `at`, in
+    the price `context` (`price_context(...)`; none: standard prices)."""
+    context = dict(context or {})
     _require_aware(at)
     problems = usage_problems(usage)
     if problems:
@@ -378,13 +442,13 @@ def price(
     matched: Literal["table", "base_model"] = "table"
     notes: list[str] = []
     try:
-        calc = _lookup(values, model, provider_id, at)
+        calc = _lookup(values, model, provider_id, at, context)
     except LookupError as first:
         base = base_model(model)
         if base is None:
             return Unpriced(model, f"genai-prices {PRICE_SOURCE_VERSION}: {first}")
         try:
-            calc = _lookup(values, base, provider_id, at)
+            calc = _lookup(values, base, provider_id, at, context)
         except LookupError as second:
             return Unpriced(
                 model,
@@ -400,6 +464,14 @@ def price(
     except ValueError as exc:
         return Unpriced(model, f"genai-prices refused the usage: {exc}", "invalid_usage")
 
+    unvaried = _unvaried(calc, context, at) if context else []
+    if unvaried:
+        return Unpriced(
+            model,
+            f"genai-prices {PRICE_SOURCE_VERSION} has no {' or '.join(unvaried)} price for "
+            f"{calc.model.id}; the standard price would be a guess",
+            "no_variant_price",
+        )
     size_problem = _size_dependent(_priced_units(calc.model_price), usage, model)
     if size_problem is not None:
         return size_problem
@@ -411,7 +483,9 @@ def price(
             f"components add up to {decimal_text(parts)} USD, genai-prices' total is "
             f"{decimal_text(calc.total_price)} USD; the total is genai-prices'"
         )
-    start, until, more = _effective(calc.model, calc.model_price, at)
+    # with a context, genai-prices answers a copy of the dated price it varied
+    dated = calc.model.get_prices(at) if context else calc.model_price
+    start, until, more = _effective(calc.model, dated, at)
     notes += more
     auto = calc.auto_update_timestamp
     return Priced(
@@ -430,6 +504,7 @@ def price(
         effective_until=until,
         notes=tuple(notes),
         data_snapshot="bundled" if auto is None else f"auto-update {auto.isoformat()}",
+        context=tuple(sorted(context.items())),
     )
 
 

@@ -1,7 +1,9 @@
 """The aiohttp client for `GET {base}/organization/usage/completions`.
 
 One `fetch` reads one minute-aligned interval with one-minute buckets, grouped by
-api_key_id, project_id and model, following every page. Each HTTP request is rate limited
+api_key_id, project_id and model, following every page; `fetch_pages` is the same
+machinery for any other paged query of the same page shape (the bill check's daily usage
+and costs, `billing_api`). Each HTTP request is rate limited
 (leaky bucket), bounded by a timeout, and retried on 429, 5xx, transport errors and
 malformed bodies with exponential backoff and full jitter, honouring `Retry-After`. A
 failed fetch always raises a typed `UsageApiError`; it never yields empty or zero rows.
@@ -22,16 +24,16 @@ import json
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import structlog
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from tokensettle.usage import UsageRow, UsageRowError, implausibility, usage_from_result
+from tokensettle.usage import Usage, UsageRow, UsageRowError, implausibility, usage_from_result
 from tokensettle.windows import MAX_BUCKETS_PER_PAGE, Interval, floor_minute
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
     "Filters",
     "MalformedResponseError",
     "Page",
+    "PageLike",
     "PaginationError",
     "RateLimitedError",
     "ResponseTooLargeError",
@@ -56,9 +59,13 @@ __all__ = [
     "UsageClient",
     "build_query",
     "decode_page",
+    "page_buckets",
+    "page_envelope",
     "parse_page",
     "query_params",
     "request_capped",
+    "result_dimension",
+    "result_usage",
 ]
 
 USAGE_PATH: Final = "/organization/usage/completions"
@@ -239,6 +246,20 @@ class Page:
     next_page: str | None
 
 
+class PageLike(Protocol):
+    """What `UsageClient.fetch_pages` needs of a parsed page to follow the cursors."""
+
+    @property
+    def bucket_starts(self) -> tuple[int, ...]: ...
+    @property
+    def has_more(self) -> bool: ...
+    @property
+    def next_page(self) -> str | None: ...
+
+
+P = TypeVar("P", bound=PageLike)
+
+
 # --------------------------------------------------------------------------------------
 # Pure parts: the query and the page
 
@@ -285,20 +306,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _dimension(result: Mapping[str, Any], name: str) -> str | None:
-    value = result.get(name)
-    if value is not None and not isinstance(value, str):
-        raise _malformed(f"result field {name!r} is {type(value).__name__}, expected string")
-    return value
-
-
-def parse_page(body: object, interval: Interval) -> Page:
-    """Check a decoded page strictly and turn its results into rows.
-
-    A row's minute is the bucket's minute slot (`floor_minute(bucket.start_time)`; the
-    first bucket may start at the requested, unaligned start). Buckets whose slot lies
-    outside `interval` are ignored. Raises MalformedResponseError on any shape problem.
-    """
+def page_envelope(body: object) -> tuple[list[Any], bool, str | None]:
+    """The `data`, `has_more` and `next_page` of a decoded page (the page object every
+    usage endpoint and the costs endpoint answer), checked strictly."""
     if not isinstance(body, Mapping):
         raise _malformed(f"body is {type(body).__name__}, expected an object")
     if body.get("object") != "page":
@@ -312,8 +322,12 @@ def parse_page(body: object, interval: Interval) -> Page:
     next_page = body.get("next_page")
     if next_page is not None and not isinstance(next_page, str):
         raise _malformed("'next_page' is neither a string nor null")
-    rows: list[UsageRow] = []
-    starts: list[int] = []
+    return data, has_more, next_page
+
+
+def page_buckets(data: Sequence[Any]) -> Iterator[tuple[int, list[Mapping[str, Any]]]]:
+    """Each bucket's `start_time` and result objects, checked: integer times, a results
+    list of objects, buckets in increasing order."""
     previous: int | None = None
     for bucket in data:
         if not isinstance(bucket, Mapping):
@@ -331,29 +345,59 @@ def parse_page(body: object, interval: Interval) -> Page:
         if previous is not None and start <= previous:
             raise _malformed(f"bucket {start} does not follow bucket {previous}")
         previous = start
+        for result in results:
+            if not isinstance(result, Mapping):
+                raise _malformed(f"a result in bucket {start} is not an object")
+        yield start, results
+
+
+def result_usage(result: Mapping[str, Any], start: int, *, bucket_seconds: int) -> Usage:
+    """The counters of one completions result of the bucket starting at `start`, checked
+    for shape and plausibility over a bucket `bucket_seconds` wide."""
+    if result.get("object") != RESULT_OBJECT:
+        raise _malformed(f"result object is {result.get('object')!r}")
+    try:
+        usage = usage_from_result(result)
+    except UsageRowError as exc:
+        raise _malformed(f"bucket {start}: {exc}") from None
+    problem = implausibility(usage, bucket_seconds=bucket_seconds)
+    if problem is not None:
+        raise _malformed(f"bucket {start}: implausible counts: {problem}")
+    return usage
+
+
+def result_dimension(result: Mapping[str, Any], name: str) -> str | None:
+    """A string dimension of a result (`project_id`, `model`, ...): a string or null."""
+    value = result.get(name)
+    if value is not None and not isinstance(value, str):
+        raise _malformed(f"result field {name!r} is {type(value).__name__}, expected string")
+    return value
+
+
+def parse_page(body: object, interval: Interval) -> Page:
+    """Check a decoded page strictly and turn its results into rows.
+
+    A row's minute is the bucket's minute slot (`floor_minute(bucket.start_time)`; the
+    first bucket may start at the requested, unaligned start). Buckets whose slot lies
+    outside `interval` are ignored. Raises MalformedResponseError on any shape problem.
+    """
+    data, has_more, next_page = page_envelope(body)
+    rows: list[UsageRow] = []
+    starts: list[int] = []
+    for start, results in page_buckets(data):
         minute = floor_minute(start)
         if not interval.contains_minute(minute):
             continue
         starts.append(start)
         for result in results:
-            if not isinstance(result, Mapping):
-                raise _malformed(f"a result in bucket {start} is not an object")
-            if result.get("object") != RESULT_OBJECT:
-                raise _malformed(f"result object is {result.get('object')!r}")
-            try:
-                usage = usage_from_result(result)
-            except UsageRowError as exc:
-                raise _malformed(f"bucket {start}: {exc}") from None
-            problem = implausibility(usage, bucket_seconds=60)  # we ask for 1m buckets
-            if problem is not None:
-                raise _malformed(f"bucket {start}: implausible counts: {problem}")
+            usage = result_usage(result, start, bucket_seconds=60)  # we ask for 1m buckets
             rows.append(
                 UsageRow(
                     minute=minute,
                     usage=usage,
-                    api_key_id=_dimension(result, "api_key_id"),
-                    project_id=_dimension(result, "project_id"),
-                    model=_dimension(result, "model"),
+                    api_key_id=result_dimension(result, "api_key_id"),
+                    project_id=result_dimension(result, "project_id"),
+                    model=result_dimension(result, "model"),
                 )
             )
     return Page(
@@ -490,7 +534,8 @@ class UsageClient:
             raise ValueError("max_pages must be at least 1")
         if max_page_bytes < 1:
             raise ValueError("max_page_bytes must be at least 1")
-        self._url = base_url.rstrip("/") + USAGE_PATH
+        self._base = base_url.rstrip("/")
+        self._url = self._base + USAGE_PATH
         self.__key = admin_key
         self._session = session
         self._limiter = AsyncLimiter(rate_limit_per_min, 60)
@@ -516,59 +561,85 @@ class UsageClient:
     async def fetch(self, interval: Interval, filters: Filters = Filters()) -> FetchResult:
         """All rows of `interval` (every page). Raises a UsageApiError subclass on failure."""
         base = build_query(interval, filters)
-        requests = 0  # this fetch's own count: other fetches may share the client
-        rows: list[UsageRow] = []
-        cursors: set[str] = set()
-        cursor: str | None = None
-        last_bucket: int | None = None
-        pages = 0
-        while True:
-            if pages >= self._max_pages:
-                raise PaginationError(
-                    f"more than {self._max_pages} pages for {interval.start}..{interval.end}; "
-                    "giving up rather than reading a partial range"
-                )
-            pairs = base if cursor is None else [*base, ("page", cursor)]
-            page, tries = await self._get_page(pairs, interval, pages + 1)
-            requests += tries
-            pages += 1
-            if page.bucket_starts:
-                if last_bucket is not None and page.bucket_starts[0] <= last_bucket:
-                    raise PaginationError(
-                        f"page {pages} repeats buckets (starts at {page.bucket_starts[0]}, "
-                        f"previous page ended at bucket {last_bucket})"
-                    )
-                last_bucket = page.bucket_starts[-1]
-            rows.extend(page.rows)
-            if not page.has_more:
-                break
-            if not page.next_page:
-                raise PaginationError(f"page {pages} says has_more but gives no next_page cursor")
-            if page.next_page in cursors:
-                raise PaginationError(f"page {pages} repeats an earlier next_page cursor")
-            cursors.add(page.next_page)
-            cursor = page.next_page
+        pages, requests = await self.fetch_pages(
+            USAGE_PATH,
+            base,
+            lambda body: parse_page(body, interval),
+            what=f"{interval.start}..{interval.end}",
+        )
         return FetchResult(
             interval=interval,
-            rows=tuple(rows),
+            rows=tuple(row for page in pages for row in page.rows),
             requests=requests,
-            pages=pages,
+            pages=len(pages),
             params=query_params(base),
         )
 
+    async def fetch_pages(
+        self,
+        path: str,
+        base: list[tuple[str, str]],
+        parse: Callable[[object], P],
+        *,
+        what: str,
+    ) -> tuple[list[P], int]:
+        """Every page of the query `base` to `{base_url}{path}`, following `next_page`, each
+        decoded JSON body turned into a page by `parse` (which raises
+        MalformedResponseError); and the HTTP requests sent, retries included. Pages must
+        chain: no repeated cursor, no `has_more` without one, no bucket twice, at most
+        `max_pages`. `what` names the range in errors."""
+        url = self._base + path
+        requests = 0  # this fetch's own count: other fetches may share the client
+        pages: list[P] = []
+        cursors: set[str] = set()
+        cursor: str | None = None
+        last_bucket: int | None = None
+        while True:
+            if len(pages) >= self._max_pages:
+                raise PaginationError(
+                    f"more than {self._max_pages} pages for {what}; "
+                    "giving up rather than reading a partial range"
+                )
+            pairs = base if cursor is None else [*base, ("page", cursor)]
+            page, tries = await self._get_page(url, pairs, parse, len(pages) + 1)
+            requests += tries
+            pages.append(page)
+            number = len(pages)
+            if page.bucket_starts:
+                if last_bucket is not None and page.bucket_starts[0] <= last_bucket:
+                    raise PaginationError(
+                        f"page {number} repeats buckets (starts at {page.bucket_starts[0]}, "
+                        f"previous page ended at bucket {last_bucket})"
+                    )
+                last_bucket = page.bucket_starts[-1]
+            if not page.has_more:
+                break
+            if not page.next_page:
+                raise PaginationError(f"page {number} says has_more but gives no next_page cursor")
+            if page.next_page in cursors:
+                raise PaginationError(f"page {number} repeats an earlier next_page cursor")
+            cursors.add(page.next_page)
+            cursor = page.next_page
+        return pages, requests
+
     async def _get_page(
-        self, pairs: list[tuple[str, str]], interval: Interval, page_no: int
-    ) -> tuple[Page, int]:
+        self, url: str, pairs: list[tuple[str, str]], parse: Callable[[object], P], page_no: int
+    ) -> tuple[P, int]:
         """The page and the number of HTTP requests it took (retries included)."""
         async for attempt in self._retry.retrying(self._rng):
             with attempt:
                 number = attempt.retry_state.attempt_number
-                return await self._send(pairs, interval, page_no, number), number
+                return await self._send(url, pairs, parse, page_no, number), number
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _send(
-        self, pairs: list[tuple[str, str]], interval: Interval, page_no: int, attempt: int
-    ) -> Page:
+        self,
+        url: str,
+        pairs: list[tuple[str, str]],
+        parse: Callable[[object], P],
+        page_no: int,
+        attempt: int,
+    ) -> P:
         """One HTTP request: its page, or the typed error for its outcome."""
         of = f"attempt {attempt} of {self._retry.attempts}"
         async with self._limiter:
@@ -578,7 +649,7 @@ class UsageClient:
                 answer = await request_capped(
                     self._session,
                     "GET",
-                    self._url,
+                    url,
                     key=self.__key,
                     client_timeout=self._timeout,
                     ok_limit=self._max_page_bytes,
@@ -609,7 +680,7 @@ class UsageClient:
         self._log(status, page_no, attempt, began)
         if status == 200:
             try:
-                return decode_page(body, interval)
+                return parse(_load_json(body))
             except MalformedResponseError as exc:
                 raise MalformedResponseError(f"{exc} ({of})", status=200, attempt=attempt) from None
         raise self._status_error(

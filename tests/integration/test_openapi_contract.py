@@ -104,8 +104,8 @@ def raw_spec(openapi_spec_path: Path) -> dict[str, Any]:
     return load(openapi_spec_path)[1]
 
 
-def declared(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    params = raw["paths"][SPEC_PATH]["get"]["parameters"]
+def declared(raw: dict[str, Any], path: str = SPEC_PATH) -> dict[str, dict[str, Any]]:
+    params = raw["paths"][path]["get"]["parameters"]
     return {p["name"]: p["schema"] for p in params}
 
 
@@ -117,21 +117,23 @@ def error_validator(raw: dict[str, Any]) -> OAS31Validator:
 # ---------------------------------------------------------------------------- helpers
 
 
-def spec_request(raw_query: str, auth_scheme: str | None = "Bearer") -> MockRequest:
+def spec_request(
+    raw_query: str, auth_scheme: str | None = "Bearer", path: str = SPEC_PATH
+) -> MockRequest:
     """An openapi-core request for the URL the spec describes, from a raw query string."""
     args = ImmutableMultiDict(parse_qsl(raw_query, keep_blank_values=True))
     headers = {"Authorization": f"{auth_scheme} redacted-credential"} if auth_scheme else {}
-    return MockRequest(SPEC_HOST, "get", "/v1" + SPEC_PATH, args=args, headers=headers)
+    return MockRequest(SPEC_HOST, "get", "/v1" + path, args=args, headers=headers)
 
 
 def request_problems(
-    spec: OpenAPI, raw: dict[str, Any], raw_query: str, auth: str | None
+    spec: OpenAPI, raw: dict[str, Any], raw_query: str, auth: str | None, path: str = SPEC_PATH
 ) -> list[str]:
     """Everything wrong with a request: openapi-core errors, plus keys it would ignore or
     values that do not come back unmarshalled (so nothing passes by being skipped)."""
-    result = spec.unmarshal_request(spec_request(raw_query, auth))
+    result = spec.unmarshal_request(spec_request(raw_query, auth, path))
     problems = [repr(e) for e in result.errors]
-    params = declared(raw)
+    params = declared(raw, path)
     sent: dict[str, list[str]] = {}
     for key, value in parse_qsl(raw_query, keep_blank_values=True):
         sent.setdefault(key, []).append(value)

@@ -18,9 +18,11 @@ Contract followed (see ../shared/reference/usage-api-notes.md, section 7):
 Decisions of the fake where the real API is undocumented (recorded here, not observed):
 non-integer times, out-of-range `limit`, unknown `bucket_width`/`group_by` values, a
 cursor that does not decode or belongs to another query, and `end_time <= start_time` are
-all answered with HTTP 400 `invalid_request_error`. The simulator has no user, batch or
-service-tier dimension: grouping by `user_id`, `batch` or `service_tier` yields null
-values, a `user_ids` filter or `batch=true` matches nothing, and `batch=false` matches all.
+all answered with HTTP 400 `invalid_request_error`. The simulator has no user dimension:
+grouping by `user_id` yields null and a `user_ids` filter matches nothing. A request's
+`service_tier` ("default" unless registered otherwise) and `batch` (false unless
+registered otherwise) are grouped and filtered on like the real API's (`simulator.costs`
+bills them at their own prices).
 Nor has it Agents API traffic: grouping by `api_source` (known to the official SDK, not to
 our spec extract) yields `"unlabeled"`, which the SDK documents for "all records without
 published source attribution"; ungrouped, `api_source` is null, as the SDK says.
@@ -37,7 +39,7 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from tokensettle.usage import ALL_FIELDS, REQUIRED_FIELDS, Usage, UsageRow
 from tokensettle.windows import floor_minute
@@ -166,6 +168,8 @@ class VirtualRequest:
     model: str
     revisions: tuple[Revision, ...]
     registered_at: float = 0.0
+    service_tier: str = "default"
+    batch: bool = False
 
     def __post_init__(self) -> None:
         if not self.revisions:
@@ -203,7 +207,29 @@ class VirtualRequest:
             "model": self.model,
             "registered_at": self.registered_at,
             "revisions": [{"after": r.after, "usage": r.usage.present()} for r in self.revisions],
+            **_tier_json(self),
         }
+
+
+def _tier_json(req: VirtualRequest) -> dict[str, Any]:
+    """A request's service tier and batch flag, where they are not the defaults."""
+    out: dict[str, Any] = {}
+    if req.service_tier != "default":
+        out["service_tier"] = req.service_tier
+    if req.batch:
+        out["batch"] = True
+    return out
+
+
+def _tier_fields(obj: Mapping[str, Any]) -> tuple[str, bool]:
+    """`service_tier` (default "default") and `batch` (default false) of a request object."""
+    tier = obj.get("service_tier", "default")
+    if not isinstance(tier, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", tier):
+        raise ScenarioError(f"'service_tier' must be a tier name like 'flex', got {tier!r}")
+    batch = obj.get("batch", False)
+    if not isinstance(batch, bool):
+        raise ScenarioError(f"'batch' must be true or false, got {batch!r}")
+    return tier, batch
 
 
 def _number(obj: Mapping[str, Any], name: str, default: float | None = None) -> float:
@@ -241,7 +267,7 @@ def usage_from_json(obj: object) -> Usage:
 
 _REQUEST_KEYS: Final = frozenset(
     {"time", "api_key_id", "project_id", "model", "usage", "visible_after", "revisions"}
-    | {"registered_at"}
+    | {"registered_at", "service_tier", "batch"}
 )
 
 
@@ -272,6 +298,7 @@ def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
         revisions.append(Revision(after=_number(raw, "after"), usage=usage_from_json(raw["usage"])))
     if not revisions:
         raise ScenarioError("a request needs 'usage' or 'revisions'")
+    tier, batch = _tier_fields(obj)
     return VirtualRequest(
         time=_number(obj, "time"),
         api_key_id=_string(obj, "api_key_id"),
@@ -279,20 +306,49 @@ def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
         model=_string(obj, "model"),
         revisions=tuple(revisions),
         registered_at=_number(obj, "registered_at", registered_at),
+        service_tier=tier,
+        batch=batch,
     )
+
+
+K = TypeVar("K", bound=tuple[Any, ...])
+
+
+def _summed(items: Iterable[tuple[K, Usage]]) -> list[tuple[K, Usage]]:
+    """Usage summed per key, sorted by key."""
+    acc: dict[K, Usage] = {}
+    for k, usage in items:
+        acc[k] = acc[k] + usage if k in acc else usage
+    return sorted(acc.items(), key=lambda kv: _sort_key(kv[0]))
 
 
 def aggregate(
     items: Iterable[tuple[int, str | None, str | None, str | None, Usage]],
 ) -> list[UsageRow]:
     """Sum usage per (minute, api_key_id, project_id, model), sorted by that key."""
-    acc: dict[tuple[int, str | None, str | None, str | None], Usage] = {}
-    for minute, key, project, model, usage in items:
-        k = (minute, key, project, model)
-        acc[k] = acc[k] + usage if k in acc else usage
     return [
         UsageRow(minute=m, usage=u, api_key_id=k, project_id=p, model=mo)
-        for (m, k, p, mo), u in sorted(acc.items(), key=lambda kv: _sort_key(kv[0]))
+        for (m, k, p, mo), u in _summed(((m, k, p, mo), u) for m, k, p, mo, u in items)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class TieredRow(UsageRow):
+    """A row of the usage answer: per minute, key, project, model, service tier and batch."""
+
+    service_tier: str = "default"
+    batch: bool = False
+
+
+def aggregate_tiered(items: Iterable[tuple[VirtualRequest, Usage]]) -> list[TieredRow]:
+    """Sum each request's usage per minute, key, project, model, tier and batch."""
+    keyed = (
+        ((r.minute, r.api_key_id, r.project_id, r.model, r.service_tier, r.batch), u)
+        for r, u in items
+    )
+    return [
+        TieredRow(m, u, k, p, mo, service_tier=tier, batch=batch)
+        for (m, k, p, mo, tier, batch), u in _summed(keyed)
     ]
 
 
@@ -470,10 +526,15 @@ class Scenario:
             (r.minute, r.api_key_id, r.project_id, r.model, r.final_usage) for r in self.requests
         )
 
+    def visible_tiered_rows(self, now: float) -> list[TieredRow]:
+        """`visible_rows`, kept apart by service tier and batch too (what the API answers)."""
+        visible = ((r, r.usage_at(now)) for r in self.requests)
+        return aggregate_tiered((r, u) for r, u in visible if u is not None)
+
     def respond(self, pairs: Sequence[tuple[str, str]], now: float) -> dict[str, Any]:
         """The 200 page for a query (raises ApiError for a 400)."""
         query = parse_query(pairs)
-        return build_page(query, self.visible_rows(now), now, seed=self.seed)
+        return build_page(query, self.visible_tiered_rows(now), now, seed=self.seed)
 
     @staticmethod
     def from_json(obj: object, *, registered_at: float = 0.0) -> Scenario:
@@ -590,22 +651,26 @@ def _parse_time(name: str, value: str) -> int:
     return int(value)
 
 
-def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
-    """Validate a query given as decoded (key, value) pairs, in order.
-
-    Arrays are accepted as repeated `k=v`, as `k[]=v` and as comma-joined `k=a,b` (and any
-    mixture). A scalar given twice is refused. Unknown parameters are ignored.
-    """
+def split_params(
+    pairs: Sequence[tuple[str, str]], array_params: frozenset[str], scalar_params: frozenset[str]
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The scalars and arrays of a query. Arrays as repeated `k=v`, `k[]=v` or comma-joined
+    `k=a,b` (and any mixture); a scalar given twice is a 400; unknown keys are ignored."""
     scalars: dict[str, str] = {}
-    arrays: dict[str, list[str]] = {name: [] for name in ARRAY_PARAMS}
+    arrays: dict[str, list[str]] = {name: [] for name in array_params}
     for raw_key, value in pairs:
         key = raw_key[:-2] if raw_key.endswith("[]") else raw_key
-        if key in ARRAY_PARAMS:
+        if key in array_params:
             arrays[key].extend(part for part in value.split(",") if part)
-        elif raw_key in SCALAR_PARAMS:
+        elif raw_key in scalar_params:
             if raw_key in scalars:
                 raise _bad_request(f"'{raw_key}' was given more than once.", raw_key)
             scalars[raw_key] = value
+    return scalars, arrays
+
+
+def parse_range(scalars: Mapping[str, str]) -> tuple[int, int | None]:
+    """`start_time` (required) and `end_time` (optional, after the start)."""
     if "start_time" not in scalars:
         raise _bad_request("Missing required parameter: 'start_time'.", "start_time")
     start = _parse_time("start_time", scalars["start_time"])
@@ -614,6 +679,47 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
         end = _parse_time("end_time", scalars["end_time"])
         if end <= start:
             raise _bad_request("'end_time' must be greater than 'start_time'.", "end_time")
+    return start, end
+
+
+def parse_limit(scalars: Mapping[str, str], width: str, default: int, most: int) -> int:
+    """`limit`: buckets per page, 1..`most`, `default` when absent."""
+    if "limit" not in scalars:
+        return default
+    raw = scalars["limit"]
+    if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= most:
+        raise _bad_request(
+            f"Invalid value for 'limit': {raw!r}. With bucket_width={width} the limit "
+            f"must be an integer between 1 and {most}.",
+            "limit",
+        )
+    return int(raw)
+
+
+def parse_group_by(values: Iterable[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    """`group_by` values, each one of `allowed`, repeats dropped, in the order given."""
+    group_by: list[str] = []
+    for value in values:
+        if value not in allowed:
+            raise _bad_request(
+                f"Invalid value for 'group_by': {value!r}. Supported values are "
+                + ", ".join(f"'{v}'" for v in allowed)
+                + ".",
+                "group_by",
+            )
+        if value not in group_by:
+            group_by.append(value)
+    return tuple(group_by)
+
+
+def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
+    """Validate a query given as decoded (key, value) pairs, in order.
+
+    Arrays are accepted as repeated `k=v`, as `k[]=v` and as comma-joined `k=a,b` (and any
+    mixture). A scalar given twice is refused. Unknown parameters are ignored.
+    """
+    scalars, arrays = split_params(pairs, ARRAY_PARAMS, SCALAR_PARAMS)
+    start, end = parse_range(scalars)
     width = scalars.get("bucket_width", DEFAULT_BUCKET_WIDTH)
     if width not in BUCKET_WIDTHS:
         raise _bad_request(
@@ -621,28 +727,8 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
             "and '1d'.",
             "bucket_width",
         )
-    default_limit, max_limit = LIMITS[width]
-    limit = default_limit
-    if "limit" in scalars:
-        raw = scalars["limit"]
-        if not _INTEGER.fullmatch(raw) or not 1 <= int(raw) <= max_limit:
-            raise _bad_request(
-                f"Invalid value for 'limit': {raw!r}. With bucket_width={width} the limit "
-                f"must be an integer between 1 and {max_limit}.",
-                "limit",
-            )
-        limit = int(raw)
-    group_by: list[str] = []
-    for value in arrays["group_by"]:
-        if value not in GROUP_BY_VALUES:
-            raise _bad_request(
-                f"Invalid value for 'group_by': {value!r}. Supported values are "
-                + ", ".join(f"'{v}'" for v in RESULT_DIMENSIONS)
-                + ".",
-                "group_by",
-            )
-        if value not in group_by:
-            group_by.append(value)
+    limit = parse_limit(scalars, width, *LIMITS[width])
+    group_by = parse_group_by(arrays["group_by"], RESULT_DIMENSIONS)
     batch: bool | None = None
     if "batch" in scalars:
         raw = scalars["batch"].lower()
@@ -655,7 +741,7 @@ def parse_query(pairs: Sequence[tuple[str, str]]) -> UsageQuery:
         end_time=end,
         bucket_width=width,
         limit=limit,
-        group_by=tuple(group_by),
+        group_by=group_by,
         project_ids=frozenset(arrays["project_ids"]),
         user_ids=frozenset(arrays["user_ids"]),
         api_key_ids=frozenset(arrays["api_key_ids"]),
@@ -751,7 +837,9 @@ def decode_cursor(query: UsageQuery, grid: BucketGrid) -> int:
     return k
 
 
-def _dimension(row: UsageRow, name: str) -> str | None:
+def _dimension(row: UsageRow, name: str) -> str | bool | None:
+    if isinstance(row, TieredRow) and name in ("service_tier", "batch"):
+        return row.service_tier if name == "service_tier" else row.batch
     if name == "api_key_id":
         return row.api_key_id
     if name == "project_id":
@@ -760,7 +848,7 @@ def _dimension(row: UsageRow, name: str) -> str | None:
         return row.model
     if name == "api_source":
         return UNLABELED_SOURCE  # no simulated request comes from the Agents API
-    return None  # user_id, batch, service_tier: not modelled by the simulator
+    return None  # user_id: not modelled; service_tier, batch: only on tiered rows
 
 
 def _row_matches(query: UsageQuery, row: UsageRow) -> bool:
@@ -772,11 +860,12 @@ def _row_matches(query: UsageQuery, row: UsageRow) -> bool:
         return False
     if query.user_ids:
         return False  # no request carries a user
-    return query.batch is not True  # every simulated request is a non-batch request
+    batch = row.batch if isinstance(row, TieredRow) else False
+    return query.batch is None or query.batch == batch
 
 
 def result_object(
-    usage: Usage, dims: Mapping[str, str | None], rng: random.Random | None
+    usage: Usage, dims: Mapping[str, str | bool | None], rng: random.Random | None
 ) -> dict[str, Any]:
     """One completions result: required counters, the optional counters the usage carries,
     and all six dimension fields (null unless given). Key order shuffled by `rng`."""
@@ -792,7 +881,7 @@ def bucket_results(
     query: UsageQuery, rows: Iterable[UsageRow], *, rng: random.Random | None = None
 ) -> list[dict[str, Any]]:
     """The results of one bucket from the (already filtered) rows that fall in it."""
-    groups: dict[tuple[str | None, ...], Usage] = {}
+    groups: dict[tuple[str | bool | None, ...], Usage] = {}
     for row in rows:
         key = tuple(_dimension(row, name) for name in query.group_by)
         groups[key] = groups[key] + row.usage if key in groups else row.usage

@@ -46,6 +46,7 @@ import structlog
 from aiohttp import web
 
 from tokensettle.simulator.admin import MANAGEMENT_MESSAGE, AdminModel
+from tokensettle.simulator.costs import COSTS_PATH, Billing, respond_costs
 from tokensettle.simulator.scenario import (
     MISSING_SCOPE_MESSAGE,
     SIMULATOR_ADMIN_KEY,
@@ -595,6 +596,72 @@ async def _get_truth(request: web.Request) -> web.Response:
     )
 
 
+# --------------------------------------------------------------------------------------
+# The costs endpoint (its model is simulator.costs) and its billing knobs
+
+
+@dataclass(slots=True)
+class CostsState:
+    """The billing knobs and the costs requests received (never a header or key)."""
+
+    billing: Billing = field(default_factory=Billing)
+    log: list[LogEntry] = field(default_factory=list)
+
+
+COSTS: Final = web.AppKey("tokensettle_simulator_costs", CostsState)
+
+
+async def _costs(request: web.Request) -> web.Response:
+    """`GET /v1/organization/costs`: admin-key auth like the usage endpoint. Costs requests
+    take no faults (those are the usage endpoint's)."""
+    state = request.app[STATE]
+    costs = request.app[COSTS]
+    entry = LogEntry(
+        query=request.rel_url.raw_query_string,
+        at=state.clock(),
+        auth_scheme=_auth_scheme(request.headers.get("Authorization")),
+    )
+    costs.log.append(entry)
+    denied = state.scenario.check_auth(request.headers.get("Authorization"))
+    if denied is not None:
+        response = _error(denied)
+    else:
+        pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+        try:
+            response = web.json_response(
+                respond_costs(state.scenario, costs.billing, pairs, state.clock())
+            )
+        except ApiError as err:
+            response = _error(err)
+    entry.status = response.status
+    return response
+
+
+async def _set_billing(request: web.Request) -> web.Response:
+    """`POST /_sim/billing`: replace the billing knobs (docs/simulator.md, "Costs")."""
+    body = await _json_body(request)
+    try:
+        billing = Billing.from_json(body)
+    except ScenarioError as exc:
+        return _invalid(exc)
+    request.app[COSTS].billing = billing
+    return web.json_response(billing.to_json())
+
+
+async def _get_billing(request: web.Request) -> web.Response:
+    costs = request.app[COSTS]
+    return web.json_response(
+        {**costs.billing.to_json(), "requests": [e.to_json() for e in costs.log]}
+    )
+
+
+def _add_costs(app: web.Application) -> None:
+    app[COSTS] = CostsState()
+    app.router.add_get(COSTS_PATH, _costs)
+    app.router.add_post("/_sim/billing", _set_billing)
+    app.router.add_get("/_sim/billing", _get_billing)
+
+
 async def _on_shutdown(app: web.Application) -> None:
     app[STATE].stopping.set()  # wake hanging handlers so shutdown is not blocked
 
@@ -637,6 +704,7 @@ def create_app(
     app.router.add_get("/_sim/log", _get_log)
     app.router.add_get("/_sim/stats", _get_stats)
     app.router.add_get("/_sim/truth", _get_truth)
+    _add_costs(app)
     app.on_shutdown.append(_on_shutdown)
     return app
 
