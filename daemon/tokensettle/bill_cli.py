@@ -114,13 +114,13 @@ async def run_check(
 
     from tokensettle.bill import compare
     from tokensettle.billing_api import fetch_bill_data
-    from tokensettle.cli import _client
+    from tokensettle.usage_api import client_for
 
     now = now or datetime.now(UTC)
     start, end = days_window(days, now)
     async with aiohttp.ClientSession() as session:
         # the client every command uses: timeouts, retries and rate limit from the settings
-        data = await fetch_bill_data(_client(settings, session), start, end, projects)
+        data = await fetch_bill_data(client_for(settings, session), start, end, projects)
     return compare(
         data.costs,
         data.usage,

@@ -187,23 +187,9 @@ def _logs(settings: Settings, *, level: str | None = None) -> None:
 def _client(
     settings: Settings, session: aiohttp.ClientSession, *, quick: bool = False
 ) -> UsageClient:
-    """The Usage API client; `quick` (doctor) tries twice with a short timeout."""
-    from tokensettle.usage_api import RetryPolicy, UsageClient
+    from tokensettle.usage_api import client_for
 
-    key = settings.secret_key()
-    if not key:
-        raise ConfigError(
-            "admin_key: not set; export TOKENSETTLE_ADMIN_KEY (or OPENAI_ADMIN_KEY / "
-            "OPENAI_API_KEY_USAGE_TRACKING) with an admin key that has api.usage.read"
-        )
-    return UsageClient(
-        base_url=settings.api_base_url,
-        admin_key=key,
-        session=session,
-        rate_limit_per_min=settings.rate_limit_per_min,
-        request_timeout=10.0 if quick else settings.request_timeout.total_seconds(),
-        retry=RetryPolicy(attempts=2) if quick else RetryPolicy(attempts=settings.request_attempts),
-    )
+    return client_for(settings, session, quick=quick)
 
 
 def _emit(text: str) -> None:

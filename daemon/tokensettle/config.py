@@ -207,6 +207,8 @@ class Settings(BaseSettings):
     #: `tokensettle bill`: how far our priced usage may differ from the bill (a fraction of
     #: the billed amount, 0.02 = 2%) before a day is a mismatch
     bill_tolerance: float = Field(default=0.02, ge=0, le=1)
+    #: how often the daemon runs the bill check (0s: never)
+    bill_check_interval: Duration = timedelta(hours=24)
     state_dir: Path = Path.home() / ".local" / "state" / "tokensettle"
     http_addr: str = "127.0.0.1:9464"
     #: with it, everything on HTTP_ADDR but /healthz and /metrics needs `Bearer <token>`

@@ -33,6 +33,7 @@ import structlog
 from aiohttp import web
 
 from tokensettle import __version__
+from tokensettle.billwatch import BillWatch
 from tokensettle.bridge import WatchBridge
 from tokensettle.config import (
     ENV_PREFIX,
@@ -59,7 +60,7 @@ from tokensettle.sdnotify import notify, watchdog_interval
 from tokensettle.serve import BindError, StatusServer, probe_bind
 from tokensettle.stability import Status
 from tokensettle.usage import Scope
-from tokensettle.usage_api import RetryPolicy, UsageClient
+from tokensettle.usage_api import client_for
 
 log = structlog.get_logger("tokensettle.daemon")
 
@@ -102,6 +103,7 @@ class Daemon:
         self.server: StatusServer | None = None
         self.live = LiveReport(lambda: self.settings, self.roots)
         self.keeper: LeaseKeeper | None = None
+        self.bills: BillWatch | None = None
         self.next_rescan = 0.0
         self.next_revoke = 0.0
         self.exit_code = EXIT_OK
@@ -170,7 +172,17 @@ class Daemon:
             self.faults.raise_("watcher", "observer", "the watchdog thread died", self.clock())
         poller, registry = self.poller, self.registry
         kinds = self.faults.kinds()
-        for kind in {*kinds, "write", "fetch", "index", "auth", "watcher", "http"}:
+        for kind in {
+            *kinds,
+            "write",
+            "fetch",
+            "index",
+            "auth",
+            "watcher",
+            "http",
+            "revoke",
+            "bill",
+        }:
             self.metrics.faults.labels(kind).set(kinds.get(kind, 0))
         self.metrics.runs_write_failing.set(kinds.get("write", 0))
         self.metrics.index_available.set(0 if "index" in kinds else 1)
@@ -251,6 +263,8 @@ class Daemon:
     def _next_wake(self) -> float:
         now_mono = time.monotonic()
         candidates = [self.next_rescan - now_mono, self.next_revoke - now_mono, 30.0]
+        if self.bills is not None and self.settings.bill_check_interval.total_seconds() > 0:
+            candidates.append(self.bills.next_at - now_mono)
         point = self._due_point()
         if point is not None:
             wait = point - self.clock().timestamp()
@@ -287,6 +301,8 @@ class Daemon:
                 self.next_revoke = 0.0  # a run with a declared scope settled: look now
         if time.monotonic() >= self.next_revoke:
             await self._revoke()
+        if self.bills is not None and self.bills.due():
+            await self.bills.run()
 
     async def _revoke(self) -> None:
         """Delete leased keys whose runs are all settled (see leasekeeper)."""
@@ -372,15 +388,7 @@ class Daemon:
         ping: asyncio.Task[None] | None = None
         try:
             async with aiohttp.ClientSession() as session:
-                key = self.settings.secret_key() or ""
-                client = UsageClient(
-                    base_url=self.settings.api_base_url,
-                    admin_key=key,
-                    session=session,
-                    rate_limit_per_min=self.settings.rate_limit_per_min,
-                    request_timeout=self.settings.request_timeout.total_seconds(),
-                    retry=RetryPolicy(attempts=self.settings.request_attempts),
-                )
+                client = client_for(self.settings, session)
                 self.reconciler = Reconciler(self.settings, client, clock=self.clock)
                 reconciler = self.reconciler
                 self.registry = Registry(
@@ -393,6 +401,7 @@ class Daemon:
                     clock=self.clock,
                 )
                 self.registry.defer = self.bridge.defer
+                self.bills = BillWatch(lambda: self.settings, client, self.metrics, self.faults)
                 self.keeper = LeaseKeeper(
                     lambda: self.settings,
                     admin_client(self.settings, session),

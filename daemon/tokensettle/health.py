@@ -23,6 +23,7 @@ WHAT = {
     "write": "run files cannot be written",
     "index": "running without the state index",
     "revoke": "leased keys cannot be revoked",
+    "bill": "the bill check cannot read the costs",
     "http": "the status server is refusing connections",
 }
 

@@ -71,6 +71,29 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.local_mismatches = Counter(
+            "tokensettle_local_mismatches",
+            "Settled runs whose framework's own counts differ from the provider's beyond "
+            "LOCAL_TOLERANCE",
+            ["framework"],
+            registry=r,
+        )
+        self.bill_days = Gauge(
+            "tokensettle_bill_days",
+            "Days of the last bill check, by verdict (ok, mismatch, incomplete, not_compared)",
+            ["verdict"],
+            registry=r,
+        )
+        self.bill_difference = Gauge(
+            "tokensettle_bill_difference_usd",
+            "Priced usage minus billed cost over the last bill check's days",
+            registry=r,
+        )
+        self.bill_checked = Gauge(
+            "tokensettle_bill_last_check_timestamp_seconds",
+            "When the bill check last ran to the end",
+            registry=r,
+        )
         self.poll_rounds = Counter(
             "tokensettle_poll_rounds", "Poll rounds run on the poll grid", registry=r
         )

@@ -159,6 +159,8 @@ class Poller:
                 self.metrics.tokens.labels(fw, "out").inc(outcome.totals.output_tokens)
             if outcome.cost_usd is not None:
                 self.metrics.cost.labels(outcome.framework).inc(outcome.cost_usd)
+            if outcome.local_verdict == "mismatch":
+                self.metrics.local_mismatches.labels(outcome.framework).inc()
             after = (now - outcome.run_end) if outcome.run_end else None
             log.info(
                 "run.settled",

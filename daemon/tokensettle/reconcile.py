@@ -119,6 +119,8 @@ class RunOutcome:
     #: the file as this attempt left it, when it was written (the daemon re-admits it
     #: from here instead of reading it again)
     after: Loaded | None = None
+    #: the framework's own counts against ours, once settled (`match`, `mismatch`, ...)
+    local_verdict: str | None = None
 
     def age(self, now: datetime) -> timedelta | None:
         return now - self.run_end if self.run_end is not None else None
@@ -630,6 +632,7 @@ class Reconciler:
                 cost_usd=settled.patch.cost_usd,
                 write_error=written.error,
                 after=_after(entry, written),
+                local_verdict=settled.local_verdict,
             ),
             attempts=len(record.attempts) + 1,
         )

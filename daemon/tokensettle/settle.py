@@ -45,6 +45,8 @@ class Settled:
     totals: Usage | None
     #: (kind, message) pairs worth a log line: unpriced models, bad local counts, odd usage
     findings: tuple[tuple[str, str], ...] = ()
+    #: the framework's own counts against ours (`match`, `mismatch`, ...), once settled
+    local_verdict: str | None = None
 
 
 def query_window(record: RunRecord, grace: int) -> dict[str, Any]:
@@ -157,6 +159,7 @@ def settle(
     cost_breakdown: dict[str, Any] | None = None
     cached: int | None = None
     findings: list[tuple[str, str]] = []
+    local_verdict: str | None = None
     if verdict.writes_tokens:
         cost = price_models(share.models, record.start, total=usage)
         breakdown = breakdown_of_share(share, configured_model=record.model)
@@ -169,6 +172,7 @@ def settle(
         extra["cost"] = cost.to_json()
         extra["token_breakdown"] = breakdown.to_json()
         extra["local_vs_provider"] = {**comparison.to_json(), "local": record.local.to_json()}
+        local_verdict = comparison.verdict
         cost_usd, cost_breakdown = cost.cost_usd_value(), cost.seed_cost_breakdown()
         cached = breakdown.cached_tokens
         findings += [("unpriced", f"{m}: {u.reason}") for m, u in sorted(cost.unpriced.items())]
@@ -188,4 +192,4 @@ def settle(
         cost_breakdown=cost_breakdown,
         cached_tokens=cached,
     )
-    return Settled(verdict, patch, usage, tuple(findings))
+    return Settled(verdict, patch, usage, tuple(findings), local_verdict)

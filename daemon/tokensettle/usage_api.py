@@ -759,3 +759,27 @@ def _error_message(body: bytes | bytearray) -> str | None:
         if isinstance(err, str) and err:
             return err
     return None
+
+
+def client_for(
+    settings: Any, session: aiohttp.ClientSession, *, quick: bool = False
+) -> UsageClient:
+    """The Usage API client of a tokensettle Settings (base URL, admin key, rate limit,
+    timeout, attempts): the one recipe of every command and the daemon. `quick` (doctor)
+    tries twice with a short timeout. Raises ConfigError without an admin key."""
+    from tokensettle.errors import ConfigError  # noqa: PLC0415 - light, no cycle at import
+
+    key = settings.secret_key()
+    if not key:
+        raise ConfigError(
+            "admin_key: not set; export TOKENSETTLE_ADMIN_KEY (or OPENAI_ADMIN_KEY / "
+            "OPENAI_API_KEY_USAGE_TRACKING) with an admin key that has api.usage.read"
+        )
+    return UsageClient(
+        base_url=settings.api_base_url,
+        admin_key=key,
+        session=session,
+        rate_limit_per_min=settings.rate_limit_per_min,
+        request_timeout=10.0 if quick else settings.request_timeout.total_seconds(),
+        retry=RetryPolicy(attempts=2) if quick else RetryPolicy(attempts=settings.request_attempts),
+    )
