@@ -228,11 +228,14 @@ class UsageRow:
 
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """Which usage belongs to a framework. Each configured dimension must match (AND);
-    an empty scope is the whole organisation."""
+    """Which usage belongs to a framework or a run: whose usage report (`provider`), and
+    in it, which keys and which containers (OpenAI projects, Anthropic workspaces: both
+    are `project_ids`). Each configured dimension must match (AND); no keys and no
+    containers is the whole organisation of that provider."""
 
     api_key_ids: frozenset[str] = field(default_factory=frozenset)
     project_ids: frozenset[str] = field(default_factory=frozenset)
+    provider: str = "openai"
 
     @property
     def is_organisation(self) -> bool:
@@ -245,6 +248,7 @@ class Scope:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "provider": self.provider,
             "api_key_ids": sorted(self.api_key_ids),
             "project_ids": sorted(self.project_ids),
             "organisation_wide": self.is_organisation,

@@ -105,7 +105,7 @@ class Declaration:
 
     def scope(self) -> Scope:
         """The usage filter this declaration means (each named dimension must match)."""
-        return Scope(frozenset(self.api_key_ids), frozenset(self.project_ids))
+        return Scope(frozenset(self.api_key_ids), frozenset(self.project_ids), self.provider)
 
     def to_json(self) -> dict[str, Any]:
         """The declaration as written to `usage_scope.json` (and into provenance)."""

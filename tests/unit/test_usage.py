@@ -250,6 +250,7 @@ def test_scope_with_one_dimension_ignores_the_other() -> None:
     assert scope.matches(_row("key_a", None))
     assert not scope.matches(_row("key_c", "anything"))
     assert scope.to_json() == {
+        "provider": "openai",
         "api_key_ids": ["key_a", "key_b"],
         "project_ids": [],
         "organisation_wide": False,
