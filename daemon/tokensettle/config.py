@@ -45,6 +45,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -112,9 +113,26 @@ class FrameworkScope(BaseModel):
 
     api_key_ids: list[str] = Field(default_factory=list)
     project_ids: list[str] = Field(default_factory=list)
+    #: whose usage report holds the framework's usage; None: not named (OpenAI, unless a
+    #: run's model is a Claude model and an Anthropic admin key is configured)
+    provider: Literal["openai", "anthropic"] | None = None
+    #: Anthropic workspaces (the provider's containers, as projects are OpenAI's)
+    workspace_ids: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _containers_of_the_provider(self) -> FrameworkScope:
+        if self.workspace_ids and self.provider == "openai":
+            raise ValueError("workspace_ids are Anthropic's; OpenAI frameworks use project_ids")
+        if self.project_ids and self.provider == "anthropic":
+            raise ValueError("project_ids are OpenAI's; Anthropic frameworks use workspace_ids")
+        if self.workspace_ids and self.provider is None:
+            self.provider = "anthropic"
+        return self
 
     def scope(self) -> Scope:
-        return Scope(frozenset(self.api_key_ids), frozenset(self.project_ids))
+        provider = self.provider or "openai"
+        containers = self.workspace_ids if provider == "anthropic" else self.project_ids
+        return Scope(frozenset(self.api_key_ids), frozenset(containers), provider)
 
 
 # The TOML file is chosen at run time (--config or TOKENSETTLE_CONFIG) and read (and its
@@ -323,6 +341,15 @@ class Settings(BaseSettings):
         fw = self.frameworks.get(framework.lower())
         return fw.scope() if fw is not None else Scope()
 
+    def provider_named(self, framework: str) -> str | None:
+        """The provider a framework's configuration names, if any."""
+        fw = self.frameworks.get(framework.lower())
+        return fw.provider if fw is not None else None
+
+    def anthropic_key(self) -> str | None:
+        key = self.anthropic_admin_key
+        return key.get_secret_value() if key is not None else None
+
     def secret_key(self) -> str | None:
         return self.admin_key.get_secret_value() if self.admin_key is not None else None
 
@@ -339,17 +366,27 @@ def secrets_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
 
 
 _FW_KEY_ENV = re.compile(r"^OPENAI_API_KEY_(?P<fw>[A-Za-z0-9_]+)_ID$")
+_FW_ANTHROPIC_KEY_ENV = re.compile(r"^ANTHROPIC_API_KEY_(?P<fw>[A-Za-z0-9_]+)_ID$")
 
 
-def frameworks_from_env(environ: Mapping[str, str]) -> dict[str, list[str]]:
-    """The seed convention `OPENAI_API_KEY_<FW>_ID=key_...` -> {fw: [key ids]}."""
+def _ids_from_env(environ: Mapping[str, str], pattern: re.Pattern[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, value in environ.items():
-        match = _FW_KEY_ENV.match(name)
+        match = pattern.match(name)
         if match and value.strip():
             ids = [v.strip() for v in value.split(",") if v.strip()]
             out.setdefault(match.group("fw").lower(), []).extend(ids)
     return out
+
+
+def frameworks_from_env(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    """The seed convention `OPENAI_API_KEY_<FW>_ID=key_...` -> {fw: [key ids]}."""
+    return _ids_from_env(environ, _FW_KEY_ENV)
+
+
+def anthropic_frameworks_from_env(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    """The same convention for Claude frameworks: `ANTHROPIC_API_KEY_<FW>_ID=apikey_...`."""
+    return _ids_from_env(environ, _FW_ANTHROPIC_KEY_ENV)
 
 
 # --------------------------------------------------------------------------------------
@@ -491,6 +528,42 @@ def _values_from(environ: Mapping[str, str]) -> dict[str, Any]:
     return values
 
 
+def _merged_frameworks(
+    configured: Mapping[str, FrameworkScope], env: Mapping[str, str]
+) -> dict[str, FrameworkScope]:
+    """Framework scopes by lower-case name: the configured ones (mixed-case names merged)
+    and the environment conventions `OPENAI_API_KEY_<FW>_ID` and
+    `ANTHROPIC_API_KEY_<FW>_ID`. One framework lives in one provider's usage report."""
+    merged: dict[str, FrameworkScope] = {}
+    for name, fw_scope in configured.items():
+        into = merged.setdefault(name.lower(), FrameworkScope())
+        into.api_key_ids = sorted(set(into.api_key_ids) | set(fw_scope.api_key_ids))
+        into.project_ids = sorted(set(into.project_ids) | set(fw_scope.project_ids))
+        into.workspace_ids = sorted(set(into.workspace_ids) | set(fw_scope.workspace_ids))
+        _one_provider(name, into, fw_scope.provider)
+    for provider, found in (
+        ("openai", frameworks_from_env(env)),
+        ("anthropic", anthropic_frameworks_from_env(env)),
+    ):
+        for fw, ids in found.items():
+            scope = merged.setdefault(fw, FrameworkScope())
+            scope.api_key_ids = sorted(set(scope.api_key_ids) | set(ids))
+            _one_provider(fw, scope, provider if provider == "anthropic" else scope.provider)
+    return merged
+
+
+def _one_provider(name: str, scope: FrameworkScope, provider: str | None) -> None:
+    if provider is None:
+        return
+    if scope.provider not in (None, provider):
+        raise ConfigError(
+            f"frameworks.{name}: its usage is configured for both {scope.provider} and "
+            f"{provider}; a framework's runs live in one provider (declare a run's own scope "
+            "in usage_scope.json to mix them)"
+        )
+    scope.provider = provider  # type: ignore[assignment]
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -531,15 +604,7 @@ def load_settings(
     finally:
         _toml_data.reset(token)
         _isolated.reset(isolated)
-    merged: dict[str, FrameworkScope] = {}
-    for name, fw_scope in settings.frameworks.items():
-        into = merged.setdefault(name.lower(), FrameworkScope())
-        into.api_key_ids = sorted(set(into.api_key_ids) | set(fw_scope.api_key_ids))
-        into.project_ids = sorted(set(into.project_ids) | set(fw_scope.project_ids))
-    for fw, ids in frameworks_from_env(env).items():
-        scope = merged.setdefault(fw, FrameworkScope())
-        scope.api_key_ids = sorted(set(scope.api_key_ids) | set(ids))
-    settings.frameworks = merged
+    settings.frameworks = _merged_frameworks(settings.frameworks, env)
     if path is not None:
         settings.config = path
     return settings

@@ -401,6 +401,7 @@ class Daemon:
                     clock=self.clock,
                 )
                 self.registry.defer = self.bridge.defer
+                self.registry.problem = reconciler.run_problem
                 self.bills = BillWatch(lambda: self.settings, client, self.metrics, self.faults)
                 self.keeper = LeaseKeeper(
                     lambda: self.settings,

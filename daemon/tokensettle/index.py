@@ -50,7 +50,9 @@ CREATE TABLE IF NOT EXISTS finished (
     api_key_ids TEXT,
     project_ids TEXT,
     lease TEXT,
-    unpriced TEXT
+    unpriced TEXT,
+    model TEXT,
+    provider TEXT
 );
 CREATE INDEX IF NOT EXISTS finished_end ON finished ("end");
 """
@@ -88,6 +90,8 @@ class Finished:
     #: the lease that gave the run its key: revoked once every run declaring it is settled
     lease: LeaseDeclaration | None = None
     unpriced: tuple[str, ...] = ()
+    #: the model the run's file names (for the provider of a framework that names none)
+    model: str | None = None
 
 
 def _int64(value: int | None) -> int | None:
@@ -108,8 +112,11 @@ def _split(text: str | None) -> frozenset[str]:
 
 def _finished(key: FileKey, row: Sequence[Any]) -> Finished:
     """A row of `_COLUMNS` after the file key."""
-    framework, run_id, start, end, status, tin, tout, cost, keys, projects, lease, unpriced = row
-    scope = Scope(_split(keys), _split(projects)) if keys is not None else None
+    (framework, run_id, start, end, status, tin, tout, cost) = row[:8]
+    keys, projects, lease, unpriced, model, provider = row[8:]
+    scope = (
+        Scope(_split(keys), _split(projects), provider or "openai") if keys is not None else None
+    )
     leased: LeaseDeclaration | None = None
     if lease:
         with contextlib.suppress(ScopeDeclarationError, ValueError, TypeError):
@@ -127,12 +134,13 @@ def _finished(key: FileKey, row: Sequence[Any]) -> Finished:
         scope,
         leased,
         tuple(sorted(_split(unpriced))),
+        model,
     )
 
 
 _COLUMNS = (
     'framework, run_id, start, "end", status, tokens_in, tokens_out, cost_usd, '
-    "api_key_ids, project_ids, lease, unpriced"
+    "api_key_ids, project_ids, lease, unpriced, model, provider"
 )
 
 
@@ -154,6 +162,8 @@ def _row(f: Finished) -> tuple[Any, ...]:
         _join(f.scope.project_ids) if f.scope is not None else None,
         json.dumps(f.lease.to_json()) if f.lease is not None else None,
         _join(f.unpriced) or None,
+        f.model,
+        f.scope.provider if f.scope is not None else None,
     )
 
 
@@ -286,7 +296,7 @@ class Index:
         def work(db: sqlite3.Connection) -> None:
             with _transaction(db):
                 db.executemany(
-                    "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO finished VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     values,
                 )
 

@@ -19,7 +19,7 @@ import structlog
 
 from tokensettle.health import Faults
 from tokensettle.metrics import Metrics
-from tokensettle.reconcile import Reconciler, RunOutcome
+from tokensettle.reconcile import Loaded, Reconciler, RunOutcome
 from tokensettle.registry import Registry
 from tokensettle.runfile import iso
 from tokensettle.scheduler import PollGrid
@@ -47,39 +47,44 @@ class Poller:
         self.faults = faults
         self.metrics = metrics
         self.clock = clock
-        self.auth_error: str | None = None
-        self.auth_retry_at: datetime | None = None
+        #: provider -> (why its admin key was refused, when to try it again)
+        self.paused: dict[str, tuple[str, datetime]] = {}
         self.last_api_success: datetime | None = None
+
+    @property
+    def auth_error(self) -> str | None:
+        return next((error for error, _ in self.paused.values()), None)
 
     async def round(self, point: float) -> list[RunOutcome]:
         """Poll every run due at grid point `point` (Unix seconds)."""
         at = datetime.fromtimestamp(point, UTC)
         paths = self.grid.take(point)
-        paused = self.paused_until()
-        if paused is not None and at < paused:
-            for path in paths:  # found while the key is refused: wait with the others
-                self.grid.hold(path, paused.timestamp(), point)
-            return []
-        due = self.registry.loaded_of(paths)
+        due: list[Loaded] = []
+        for entry in self.registry.loaded_of(paths):
+            pause = self.paused.get(self._provider(entry))
+            if pause is not None and at < pause[1]:
+                # its provider's key is refused: wait with the others
+                self.grid.hold(entry.found.path, pause[1].timestamp(), point)
+            else:
+                due.append(entry)
         if not due:
             return []
         self.metrics.poll_rounds.inc()
-        client = self.reconciler.client
-        before = client.requests_sent if client else 0
+        before = self.reconciler.requests_sent
         report = await self.reconciler.run_batch(
             due, extra_owners=self.registry.owners(due), now=at
         )
-        self.metrics.api_requests.inc((client.requests_sent if client else 0) - before)
+        self.metrics.api_requests.inc(self.reconciler.requests_sent - before)
         now = self.clock()
-        if report.auth_error:
-            self._auth_failed(report.auth_error, paths, now)
-            return report.outcomes
-        if self.auth_error is not None:
-            log.info("daemon.auth_recovered")
-        self.auth_error = None
-        self.faults.clear("auth")
-        self.metrics.auth_ok.set(1)
+        for provider, error in report.auth_errors.items():
+            held = [e.found.path for e in due if self._provider(e) == provider]
+            self._auth_failed(provider, error, held, now)
         polled = [o for o in report.outcomes if o.polled]
+        for provider in {self._provider_of(o) for o in polled} - set(report.auth_errors):
+            if self.paused.pop(provider, None) is not None:
+                log.info("daemon.auth_recovered", provider=provider)
+            self.faults.clear("auth", provider)
+        self.metrics.auth_ok.set(0 if self.paused else 1)
         fetch_failed = [o for o in polled if o.totals is None]
         if any(o.totals is not None for o in polled):
             self.last_api_success = now
@@ -89,7 +94,7 @@ class Poller:
             self.faults.raise_("fetch", USAGE_API, error, now)
         elif polled:
             self.faults.clear("fetch")
-        handled: set[Path] = set()
+        handled: set[Path] = {e.found.path for e in due if self._provider(e) in report.auth_errors}
         for outcome in report.outcomes:
             handled.add(outcome.path)
             self._count(outcome, now)
@@ -102,20 +107,30 @@ class Poller:
         )
         return report.outcomes
 
-    def _auth_failed(self, error: str, paths: list[Path], now: datetime) -> None:
-        policy = self.reconciler.policy
-        self.auth_error = error
-        self.auth_retry_at = now + policy.max_backoff
-        self.faults.raise_("auth", USAGE_API, error, now)
-        self.metrics.auth_ok.set(0)
+    def _provider(self, entry: Loaded) -> str:
+        record = entry.record
+        return self.reconciler.scope_of(record).provider if record is not None else "openai"
+
+    def _provider_of(self, outcome: RunOutcome) -> str:
+        tracked = self.registry.tracked.get(outcome.path)
+        return self._provider(tracked.loaded) if tracked is not None else "openai"
+
+    def _auth_failed(self, provider: str, error: str, paths: list[Path], now: datetime) -> None:
+        retry_at = now + self.reconciler.policy.max_backoff
+        self.paused[provider] = (error, retry_at)
+        self.faults.raise_("auth", provider, error, now)
         log.error(
             "daemon.auth_failed",
+            provider=provider,
             error=error,
-            action="polling paused; fix the admin key's api.usage.read scope",
-            retry_at=iso(self.auth_retry_at),
+            action=f"polling of {provider} runs paused; fix the admin key's usage-read scope",
+            retry_at=iso(retry_at),
         )
         for path in paths:
-            self.grid.hold(path, self.auth_retry_at.timestamp(), now.timestamp())
+            self.grid.hold(path, retry_at.timestamp(), now.timestamp())
+
+    def paused_until(self) -> datetime | None:
+        return min((at for _, at in self.paused.values()), default=None)
 
     def _put_back(self, outcome: RunOutcome, now: datetime) -> None:
         path = outcome.path
@@ -139,11 +154,6 @@ class Poller:
                 log.info("run.write_recovered", path=str(path))
             self.grid.release(path)
             self.registry.admit_written(outcome.after)
-
-    def paused_until(self) -> datetime | None:
-        if self.auth_error is not None and self.auth_retry_at is not None:
-            return self.auth_retry_at
-        return None
 
     def _count(self, outcome: RunOutcome, now: datetime) -> None:
         if outcome.polled:

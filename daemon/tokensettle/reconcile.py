@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -48,7 +48,13 @@ from tokensettle.stability import (
 )
 from tokensettle.states import NOT_DUE, SKIPPED, TOO_OLD, shown_state
 from tokensettle.usage import Scope, Usage, UsageRow
-from tokensettle.usage_api import AuthError, FetchResult, Filters, UsageApiError, UsageClient
+from tokensettle.usage_api import (
+    USAGE_PATH,
+    AuthError,
+    FetchResult,
+    Filters,
+    UsageApiError,
+)
 from tokensettle.usage_scope import (
     MAX_SCOPE_BYTES,
     SCOPE_FILE,
@@ -59,6 +65,26 @@ from tokensettle.windows import Activity, Interval, merge_windows
 from tokensettle.writeback import RunWriter, Written
 
 log = structlog.get_logger("tokensettle.reconcile")
+
+
+OPENAI, ANTHROPIC = "openai", "anthropic"
+ANTHROPIC_KEY_PREFIX = "apikey_"
+ANTHROPIC_USAGE_PATH = "/v1/organizations/usage_report/messages"
+
+
+class UsageSource(Protocol):
+    """A provider's usage report: one-minute rows of an interval (usage_api.UsageClient,
+    anthropic_api.AnthropicUsageClient)."""
+
+    @property
+    def requests_sent(self) -> int: ...
+
+    async def fetch(self, interval: Interval, filters: Filters = ...) -> FetchResult: ...
+
+
+def is_claude(model: str | None) -> bool:
+    """A model name that can only be Anthropic's."""
+    return model is not None and "claude" in model.lower()
 
 
 def utcnow() -> datetime:
@@ -131,7 +157,8 @@ class BatchReport:
     outcomes: list[RunOutcome] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)
     requests: int = 0
-    auth_error: str | None = None
+    #: provider -> why its admin key was refused (its runs were not polled)
+    auth_errors: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
     #: every readable run of the batch as it stands after it (written ones as written)
     records: list[RunRecord] = field(default_factory=list)
@@ -139,6 +166,11 @@ class BatchReport:
     @property
     def failed(self) -> bool:
         return any(o.failed for o in self.outcomes)
+
+    @property
+    def auth_error(self) -> str | None:
+        """The first refused admin key's message (exit 3), if any."""
+        return next(iter(self.auth_errors.values()), None)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -359,11 +391,15 @@ class RunRef:
     activity: Activity
     #: the run's declared scope; None: its framework's
     scope: Scope | None = None
+    #: the model the run's file names (a Claude model may route it to Anthropic)
+    model: str | None = None
 
     @staticmethod
     def of(record: RunRecord) -> RunRef:
         declared = record.declared.scope() if record.declared is not None else None
-        return RunRef(record.path, record.framework, record.run_id, record.activity, declared)
+        return RunRef(
+            record.path, record.framework, record.run_id, record.activity, declared, record.model
+        )
 
 
 def _record(entry: Loaded) -> RunRecord:
@@ -379,17 +415,43 @@ class Reconciler:
     def __init__(
         self,
         settings: Settings,
-        client: UsageClient | None,
+        client: UsageSource | None,
         *,
+        clients: Mapping[str, UsageSource] | None = None,
         clock: Callable[[], datetime] = utcnow,
         policy: Policy | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client
+        #: provider -> the client of its usage report (`client` is OpenAI's)
+        self.clients: dict[str, UsageSource] = {OPENAI: client} if client is not None else {}
+        self.clients.update(clients or {})
         self.clock = clock
         self.policy = policy or policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
         self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
+        self._routed: set[str] = set()
+
+    @property
+    def requests_sent(self) -> int:
+        """HTTP requests sent to every provider's usage report so far."""
+        return sum(c.requests_sent for c in self.clients.values())
+
+    def endpoint(self, provider: str) -> str:
+        if provider == ANTHROPIC:
+            return f"{self.settings.anthropic_api_base_url}{ANTHROPIC_USAGE_PATH}"
+        return f"{self.settings.api_base_url}{USAGE_PATH}"
+
+    def run_problem(self, record: RunRecord) -> str | None:
+        """Why the run cannot be polled as it stands (an error of the run, shown, not
+        retried until its file or the configuration changes)."""
+        problem = window_problem(record, self.policy)
+        if problem is not None:
+            return problem
+        provider = self.scope_of(record).provider
+        if provider not in self.clients:
+            key = "TOKENSETTLE_ANTHROPIC_ADMIN_KEY" if provider == ANTHROPIC else "ADMIN_KEY"
+            return f"its usage is {provider}'s and no {provider} admin key is configured ({key})"
+        return None
 
     def reconfigure(self, settings: Settings) -> None:
         """New timings and scopes (SIGHUP); the client stays."""
@@ -399,12 +461,34 @@ class Reconciler:
         self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
 
     def scope_of(self, record: RunRecord | RunRef) -> Scope:
-        """A run's declared scope replaces its framework's."""
+        """A run's declared scope replaces its framework's. A framework that names no
+        provider is OpenAI's, except for a run whose model is a Claude model while an
+        Anthropic admin key is configured: that run is settled against Anthropic."""
         if isinstance(record, RunRef):
             declared = record.scope
         else:
             declared = record.declared.scope() if record.declared is not None else None
-        return declared if declared is not None else self.settings.scope_for(record.framework)
+        if declared is not None:
+            return declared
+        scope = self.settings.scope_for(record.framework)
+        if (
+            self.settings.provider_named(record.framework) is None
+            and is_claude(record.model)
+            and self.settings.anthropic_key()
+        ):
+            if record.framework not in self._routed:
+                self._routed.add(record.framework)
+                log.info(
+                    "run.provider_from_model",
+                    framework=record.framework,
+                    model=record.model,
+                    provider=ANTHROPIC,
+                    detail="the framework names no provider and its runs use a Claude model; "
+                    "set [frameworks.<fw>] provider to say so",
+                )
+            keys = frozenset(k for k in scope.api_key_ids if k.startswith(ANTHROPIC_KEY_PREFIX))
+            return Scope(keys, frozenset(), ANTHROPIC)
+        return scope
 
     def survey(self) -> list[Loaded]:
         return load_runs(scan_all(list(self.settings.runs_dirs)), self.grace)
@@ -452,6 +536,11 @@ class Reconciler:
         if selection.force:
             policy = replace(policy, max_age=timedelta(days=36500))
         the_plan = plan(loaded, selection, policy, now)
+        for entry in list(the_plan.due):
+            problem = self.run_problem(_record(entry))
+            if problem is not None:
+                the_plan.due.remove(entry)
+                the_plan.outcomes.append(_outcome(entry, Status.ERROR.value, problem, failed=True))
         report = BatchReport(outcomes=list(the_plan.outcomes), dry_run=dry_run)
         for outcome in the_plan.outcomes:
             if outcome.state == Status.ERROR.value:
@@ -466,12 +555,7 @@ class Reconciler:
             owners = [RunRef.of(e.record) for e in loaded if e.record is not None]
             known = {o.path for o in owners}
             owners += [o for o in extra_owners if o.path not in known]
-            try:
-                results = await self.poll(the_plan.due, owners, report)
-            except AuthError as exc:
-                report.auth_error = str(exc)
-                log.error("usage_api.auth_failed", error=str(exc))
-                return report
+            results = await self.poll(the_plan.due, owners, report)
             for result in results:
                 report.outcomes.append(
                     await asyncio.to_thread(self._settle, result, policy, now, dry_run)
@@ -483,11 +567,35 @@ class Reconciler:
     async def poll(
         self, due: Sequence[Loaded], owners: Sequence[RunRef], report: BatchReport
     ) -> list[PollResult]:
-        """Fetch the merged windows of `due` once each and share the rows out."""
-        if self.client is None:
-            raise RuntimeError("no Usage API client configured")
+        """Fetch the merged windows of `due` once each, per provider, and share each
+        provider's rows among the owners whose usage is in that provider's report. A
+        refused admin key stops its provider's runs (no outcome: nothing is written) and
+        is in `report.auth_errors`; the other providers' runs go on."""
+        by_provider: dict[str, list[Loaded]] = defaultdict(list)
+        for entry in due:
+            by_provider[self.scope_of(_record(entry)).provider].append(entry)
+        results: list[PollResult] = []
+        for provider, entries in sorted(by_provider.items()):
+            client = self.clients.get(provider)
+            if client is None:
+                raise RuntimeError(f"no usage client for {provider}")
+            mine = [o for o in owners if self.scope_of(o).provider == provider]
+            try:
+                results += await self._poll_provider(client, entries, mine, report)
+            except AuthError as exc:
+                report.auth_errors[provider] = str(exc)
+                log.error("usage_api.auth_failed", provider=provider, error=str(exc))
+        return results
+
+    async def _poll_provider(
+        self,
+        client: UsageSource,
+        due: Sequence[Loaded],
+        owners: Sequence[RunRef],
+        report: BatchReport,
+    ) -> list[PollResult]:
         intervals = merge_windows(_record(e).window for e in due)
-        report.intervals = intervals
+        report.intervals += intervals
         by_interval: dict[Interval, list[Loaded]] = defaultdict(list)
         for entry in due:
             window = _record(entry).window
@@ -495,31 +603,36 @@ class Reconciler:
             by_interval[home].append(entry)
         fetched: dict[Interval, Fetched] = {}
         rows: list[UsageRow] = []
-        before = self.client.requests_sent
-        for interval in intervals:
-            members = by_interval[interval]
-            filters = filters_for(self.scope_of(_record(e)) for e in members)
-            try:
-                result = await self.client.fetch(interval, filters)
-            except AuthError:
-                raise
-            except UsageApiError as exc:
-                log.warning(
-                    "usage_api.fetch_failed", start=interval.start, end=interval.end, error=str(exc)
+        before = client.requests_sent
+        try:
+            for interval in intervals:
+                members = by_interval[interval]
+                filters = filters_for(self.scope_of(_record(e)) for e in members)
+                try:
+                    result = await client.fetch(interval, filters)
+                except AuthError:
+                    raise
+                except UsageApiError as exc:
+                    log.warning(
+                        "usage_api.fetch_failed",
+                        start=interval.start,
+                        end=interval.end,
+                        error=str(exc),
+                    )
+                    fetched[interval] = Fetched(interval, None, str(exc))
+                    continue
+                fetched[interval] = Fetched(interval, result, None)
+                rows.extend(result.rows)
+                log.info(
+                    "usage_api.fetched",
+                    start=iso(datetime.fromtimestamp(interval.start, UTC)),
+                    minutes=interval.minutes,
+                    rows=len(result.rows),
+                    requests=result.requests,
+                    runs=len(members),
                 )
-                fetched[interval] = Fetched(interval, None, str(exc))
-                continue
-            fetched[interval] = Fetched(interval, result, None)
-            rows.extend(result.rows)
-            log.info(
-                "usage_api.fetched",
-                start=iso(datetime.fromtimestamp(interval.start, UTC)),
-                minutes=interval.minutes,
-                rows=len(result.rows),
-                requests=result.requests,
-                runs=len(members),
-            )
-        report.requests += self.client.requests_sent - before
+        finally:
+            report.requests += client.requests_sent - before
         shares = await asyncio.to_thread(self._attribute, rows, owners, list(fetched.values()))
         names = {str(o.path): o for o in owners}
         results: list[PollResult] = []
@@ -560,7 +673,8 @@ class Reconciler:
         prov: dict[str, Any] = {
             "tool": TOOL_NAME,
             "version": __version__,
-            "endpoint": f"{self.settings.api_base_url}/organization/usage/completions",
+            "provider": scope.provider,
+            "endpoint": self.endpoint(scope.provider),
             "scope": {
                 **scope.to_json(),
                 "framework": record.framework,

@@ -99,6 +99,7 @@ def finished_row(key: FileKey, record: RunRecord) -> Finished:
         declared.scope() if declared is not None else None,
         declared.lease if declared is not None else None,
         record.unpriced,
+        record.model,
     )
 
 
@@ -127,6 +128,10 @@ class Registry:
         self._warned_unscoped: set[str] = set()
         #: called with a directory to look at again soon (a file caught mid-write)
         self.defer: Callable[[Path], None] = lambda _path: None
+        #: why a run cannot be polled as it stands (None: it can)
+        self.problem: Callable[[RunRecord], str | None] = lambda record: window_problem(
+            record, self._policy()
+        )
 
     # ------------------------------------------------------------------ paths (pure)
 
@@ -277,7 +282,7 @@ class Registry:
             self.grid.drop(path)
             return
         self._warn_unscoped(record.framework)
-        problem = window_problem(record, self._policy())
+        problem = self.problem(record)
         if problem is not None:
             if previous is None or previous.digest != digest:
                 log.warning("run.unreadable", path=str(path), reason=problem)
@@ -403,7 +408,9 @@ class Registry:
         for row in self.index.overlapping(lo, hi):
             activity = Activity(row.start, row.end, grace)
             owners.append(
-                RunRef(Path(row.key.path), row.framework, row.run_id, activity, row.scope)
+                RunRef(
+                    Path(row.key.path), row.framework, row.run_id, activity, row.scope, row.model
+                )
             )
         return owners
 
