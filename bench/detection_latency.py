@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port, fresh_aggregates
+from common import BIN, free_port, fresh_aggregates, pct
 from common import iso_z as iso
 
 WRITERS = {"inplace": "chatdev", "rename": "baes", "newdir": "ghspec"}
@@ -120,12 +120,6 @@ class Scheduled:
                 if remaining <= 0:
                     return
                 self.cond.wait(remaining)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def main() -> int:
