@@ -56,6 +56,10 @@ CREATE TABLE IF NOT EXISTS finished (
 );
 CREATE INDEX IF NOT EXISTS finished_end ON finished ("end");
 """
+_EXPECTED_COLUMNS = [
+    line.strip().split()[0].strip('"')
+    for line in _SCHEMA.split("(", 1)[1].split(");", 1)[0].strip().splitlines()
+]
 _INT64 = (-(2**63), 2**63 - 1)
 MEMORY = ":memory:"
 
@@ -179,7 +183,15 @@ def _connect(target: str) -> sqlite3.Connection:
             db.executescript("DROP TABLE IF EXISTS finished;")
         db.executescript(_SCHEMA)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        db.execute("SELECT count(*) FROM finished").fetchone()
+        # A table of another shape under our version number, or pages damaged past the
+        # first, pass the statements above and fail the first real query: check both now
+        # so such a file is set aside and rebuilt instead of bypassed at every start.
+        columns = [row[1] for row in db.execute("PRAGMA table_info(finished)")]
+        if columns != _EXPECTED_COLUMNS:
+            raise sqlite3.DatabaseError(f"table 'finished' has columns {columns}")
+        (check,) = db.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check}")
     except BaseException:
         db.close()
         raise
