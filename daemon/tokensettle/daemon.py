@@ -295,7 +295,8 @@ class Daemon:
             await self._rescan(changes.rescan or "interval")
         point = self._due_point()
         if point is not None and self._round_ready(point):
-            outcomes = await self.poller.round(point)
+            latest = self.grid.latest_point(self.clock().timestamp())
+            outcomes = await self.poller.round(max(point, latest))
             self._update_gauges()
             if any(o.after and o.after.record and o.after.record.declared for o in outcomes):
                 self.next_revoke = 0.0  # a run with a declared scope settled: look now

@@ -11,6 +11,7 @@ until the same run is written again; a refused admin key pauses polling for
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ import structlog
 from tokensettle.health import Faults
 from tokensettle.metrics import Metrics
 from tokensettle.reconcile import Loaded, Reconciler, RunOutcome
-from tokensettle.registry import Registry
+from tokensettle.registry import YIELD_EVERY, Registry
 from tokensettle.runfile import iso
 from tokensettle.scheduler import PollGrid
 from tokensettle.stability import Status, backoff
@@ -95,10 +96,13 @@ class Poller:
         elif polled:
             self.faults.clear("fetch")
         handled: set[Path] = {e.found.path for e in due if self._provider(e) in report.auth_errors}
-        for outcome in report.outcomes:
+        for n, outcome in enumerate(report.outcomes):
+            if n and n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a 10,000-run round must not hold the loop
             handled.add(outcome.path)
             self._count(outcome, now)
             self._put_back(outcome, now)
+        self.registry.flush()
         # Runs taken off the grid but not in the report (gone meanwhile): read them again.
         await self.registry.look([p for p in paths if p not in handled], trailing=True)
         await self.registry.look(

@@ -373,12 +373,13 @@ class Fetched:
 
 @dataclass
 class PollResult:
+    """One due run's part of a batch. The overlap report is built from `names` in the
+    worker thread that settles the run, not on the event loop."""
+
     entry: Loaded
     share: Share | None
     fetched: Fetched
-    step_values: dict[int, Usage]
-    step_unowned: Usage
-    overlaps: list[dict[str, Any]]
+    names: Mapping[str, RunRef] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +431,7 @@ class Reconciler:
         self.grace = int(settings.window_grace.total_seconds())
         self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
         self._routed: set[str] = set()
+        self._framework_scopes: dict[str, Scope] = {}
 
     @property
     def requests_sent(self) -> int:
@@ -456,6 +458,7 @@ class Reconciler:
     def reconfigure(self, settings: Settings) -> None:
         """New timings and scopes (SIGHUP); the client stays."""
         self.settings = settings
+        self._framework_scopes.clear()
         self.policy = policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
         self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
@@ -470,7 +473,11 @@ class Reconciler:
             declared = record.declared.scope() if record.declared is not None else None
         if declared is not None:
             return declared
-        scope = self.settings.scope_for(record.framework)
+        scope = self._framework_scopes.get(record.framework)
+        if scope is None:
+            scope = self._framework_scopes[record.framework] = self.settings.scope_for(
+                record.framework
+            )
         if (
             self.settings.provider_named(record.framework) is None
             and is_claude(record.model)
@@ -641,10 +648,10 @@ class Reconciler:
                 record = _record(entry)
                 f = fetched[interval]
                 if f.result is None:
-                    results.append(PollResult(entry, None, f, {}, Usage(), []))
+                    results.append(PollResult(entry, None, f))
                     continue
                 share = shares.share(str(record.path))
-                results.append(PollResult(entry, share, f, {}, Usage(), _overlaps(share, names)))
+                results.append(PollResult(entry, share, f, names))
         return results
 
     def _attribute(
@@ -696,7 +703,8 @@ class Reconciler:
         record = _record(entry)
         share = result.share
         step_values, step_unowned = self._steps(record, share) if share else ({}, Usage())
-        seen = Observation(share, result.fetched.error, step_values, step_unowned, result.overlaps)
+        overlaps = _overlaps(share, result.names) if share is not None else []
+        seen = Observation(share, result.fetched.error, step_values, step_unowned, overlaps)
         settled = settle(
             record,
             seen,
@@ -811,7 +819,7 @@ def _own_query(params: dict[str, str | list[str]], scope: Scope) -> dict[str, An
     return out
 
 
-def _overlaps(share: Share, names: dict[str, RunRef]) -> list[dict[str, Any]]:
+def _overlaps(share: Share, names: Mapping[str, RunRef]) -> list[dict[str, Any]]:
     by_other: dict[str, list[int]] = defaultdict(list)
     for minute, keys in sorted(share.shared_with.items()):
         for key in keys:

@@ -33,6 +33,8 @@ log = structlog.get_logger("tokensettle.daemon")
 
 #: Finished runs this far around a batch's windows are asked for as owners of its minutes.
 OWNER_MARGIN = 3600.0
+#: Long loops on the event loop hand it back this often, so /healthz answers meanwhile.
+YIELD_EVERY = 200
 
 
 @dataclass
@@ -44,6 +46,11 @@ class Tracked:
     due: datetime | None = None
     discovered: datetime = field(default_factory=lambda: datetime.now(UTC))
     digest: str = ""
+    ref: RunRef | None = None  # what attribution needs of it, built once
+
+    def __post_init__(self) -> None:
+        if self.ref is None and self.loaded.record is not None:
+            self.ref = RunRef.of(self.loaded.record)
 
     def to_json(self) -> dict[str, Any]:
         record = self.loaded.record
@@ -128,6 +135,8 @@ class Registry:
         self._warned_unscoped: set[str] = set()
         #: called with a directory to look at again soon (a file caught mid-write)
         self.defer: Callable[[Path], None] = lambda _path: None
+        #: settled runs admitted since the last flush, put into the index in one transaction
+        self._settled: list[Finished] = []
         #: why a run cannot be polled as it stands (None: it can)
         self.problem: Callable[[RunRecord], str | None] = lambda record: window_problem(
             record, self._policy()
@@ -215,7 +224,9 @@ class Registry:
         if not wanted:
             return
         probes = await asyncio.to_thread(lambda: [self._probe(p, e) for p, e in wanted])
-        for probe in probes:
+        for n, probe in enumerate(probes):
+            if n and n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a burst of files must not hold the loop
             if probe.ignore:
                 continue
             if probe.key is None:
@@ -225,6 +236,7 @@ class Registry:
                 self.grid.drop(probe.path)
             elif probe.loaded is not None:
                 self.admit(probe.key, probe.loaded, trailing=trailing)
+        self.flush()
 
     async def look_under(self, directories: Iterable[Path]) -> None:
         """A directory created or moved in: its run files may predate our watch on it."""
@@ -297,7 +309,7 @@ class Registry:
         if record.status in TERMINAL:
             self.tracked.pop(path, None)
             self.grid.drop(path)
-            self.index.put([finished_row(key, record)])
+            self._settled.append(finished_row(key, record))
             return
         now = self.clock()
         policy = self._policy()
@@ -321,6 +333,12 @@ class Registry:
                 attempts=len(record.attempts),
                 next_poll_at=iso(datetime.fromtimestamp(point, UTC)) if point else None,
             )
+
+    def flush(self) -> None:
+        """Put the runs settled since the last flush into the index (one transaction:
+        one per run cost a second after each round of a 10,000-run burst)."""
+        rows, self._settled = self._settled, []
+        self.index.put(rows)
 
     def admit_written(self, loaded: Loaded) -> None:
         """The file as our own write left it: no need to read it again."""
@@ -368,8 +386,11 @@ class Registry:
             path = Path(row.key.path)
             self.tracked.pop(path, None)
             self.grid.drop(path)
-        for key, loaded in scan.other:
+        for n, (key, loaded) in enumerate(scan.other):
+            if n and n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             self.admit(key, loaded, trailing=True)
+        self.flush()
         for path in [p for p in self.tracked if str(p) not in scan.seen]:
             self.forget(path)
         missing = [p for p in known if p not in scan.seen]
@@ -398,7 +419,7 @@ class Registry:
 
     def owners(self, due: list[Loaded]) -> list[RunRef]:
         """Every run that may own minutes of the batch: tracked ones and finished rows."""
-        owners = [RunRef.of(t.loaded.record) for t in self.tracked.values() if t.loaded.record]
+        owners = [t.ref for t in self.tracked.values() if t.ref is not None]
         records = [e.record for e in due if e.record is not None]
         if not records:
             return owners

@@ -168,6 +168,14 @@ class PollGrid(Generic[K]):
     def next_point(self) -> float | None:
         return self.heap.next_due()
 
+    def latest_point(self, now: float) -> float:
+        """The last grid point at or before `now`: a round that starts late takes every
+        run due up to it, instead of leaving the runs of points it slept through to rounds
+        of their own."""
+        if self.tick <= 0:
+            return now
+        return math.floor(now / self.tick) * self.tick
+
     def take(self, point: float) -> list[K]:
         """Every key due at or before `point` (one round)."""
         return self.heap.pop_due(point)

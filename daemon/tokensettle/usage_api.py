@@ -19,6 +19,7 @@ exception, repr or log event, and server messages are scrubbed of it before use.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 USAGE_PATH: Final = "/organization/usage/completions"
+#: Pages smaller than this are decoded on the event loop; larger ones in a worker thread.
+_DECODE_ON_LOOP: Final = 64 * 1024
 GROUP_BY: Final = ("api_key_id", "project_id", "model")
 RESULT_OBJECT: Final = "organization.usage.completions.result"
 _MESSAGE_LIMIT: Final = 500
@@ -680,7 +683,10 @@ class UsageClient:
         self._log(status, page_no, attempt, began)
         if status == 200:
             try:
-                return parse(_load_json(body))
+                if len(body) < _DECODE_ON_LOOP:
+                    return parse(_load_json(body))
+                # A big page takes a while to decode: not on the event loop.
+                return await asyncio.to_thread(lambda: parse(_load_json(body)))
             except MalformedResponseError as exc:
                 raise MalformedResponseError(f"{exc} ({of})", status=200, attempt=attempt) from None
         raise self._status_error(

@@ -115,3 +115,17 @@ def test_a_hold_keeps_a_run_off_the_grid_until_it_ends() -> None:
     assert grid.due_of("a") == 1020.0
     grid.drop("a")
     assert "a" not in grid and grid.held("a") is None
+
+
+def test_a_late_round_takes_every_run_due_up_to_the_last_point() -> None:
+    # The burst benchmark: a round that started late took only its own point's runs, and
+    # runs of the points it slept through waited for rounds of their own.
+    grid: PollGrid[str] = PollGrid(5.0)
+    grid.put("a", due=100.0, now=99.0)
+    grid.put("b", due=104.0, now=99.0)
+    grid.put("c", due=109.0, now=99.0)
+    point = grid.next_point()
+    assert point == 100.0
+    latest = grid.latest_point(113.7)
+    assert latest == 110.0
+    assert sorted(grid.take(max(point, latest))) == ["a", "b", "c"]
