@@ -298,6 +298,7 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     selection = Selection(args.framework, args.run_id, args.force)
     revoke_failed = 0
     async with aiohttp.ClientSession() as session:
+        await _resolve_key_ids(settings, session)
         reconciler = Reconciler(settings, _client(settings, session))
         report = await reconciler.run_once(selection, dry_run=args.dry_run)
         if not args.dry_run and not report.auth_error:
@@ -319,6 +320,19 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     if report.auth_error:
         return EXIT_AUTH
     return EXIT_RUNS_FAILED if report.failed or revoke_failed else EXIT_OK
+
+
+async def _resolve_key_ids(settings: Settings, session: aiohttp.ClientSession) -> None:
+    """Frameworks with a secret key in the environment and no key id get their id from the
+    project key lists (keyids); nothing happens without such a framework."""
+    from tokensettle import keyids
+    from tokensettle.leasekeeper import admin_client
+
+    wanted = keyids.unresolved_secrets(os.environ, settings)
+    admin = admin_client(settings, session) if wanted else None
+    if admin is not None:
+        resolved = await keyids.resolve(admin, keyids.search_projects(settings), wanted)
+        keyids.apply(settings, resolved)
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -445,7 +459,9 @@ async def _doctor_async(args: argparse.Namespace) -> int:
     async with aiohttp.ClientSession() as session:
         key = settings.secret_key()
         client = _client(settings, session, quick=True) if key else None
-        checks = await run_checks(settings, client)
+        from tokensettle.leasekeeper import admin_client
+
+        checks = await run_checks(settings, client, admin=admin_client(settings, session))
     _emit(render(checks))
     return exit_code(checks)
 

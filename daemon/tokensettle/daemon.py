@@ -32,7 +32,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from tokensettle import __version__
+from tokensettle import __version__, keyids
 from tokensettle.billwatch import BillWatch
 from tokensettle.bridge import WatchBridge
 from tokensettle.config import (
@@ -46,6 +46,7 @@ from tokensettle.config import (
 )
 from tokensettle.health import Faults, status
 from tokensettle.index import Index
+from tokensettle.keyids import Resolution
 from tokensettle.leasekeeper import LeaseKeeper, admin_client, leased_runs
 from tokensettle.leases import RevokeOutcome
 from tokensettle.live import LiveReport
@@ -108,6 +109,7 @@ class Daemon:
         self.next_revoke = 0.0
         self.exit_code = EXIT_OK
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._resolved: list[Resolution] = []
 
     def _scope_for(self, framework: str) -> Scope:
         return self.settings.scope_for(framework)  # the settings in force (SIGHUP)
@@ -146,6 +148,7 @@ class Daemon:
             "watch_mode",
         )
         needs_restart = [n for n in restart if getattr(fresh, n) != getattr(self.settings, n)]
+        keyids.apply(fresh, [r for r in self._resolved if r.key_id is not None])
         self.settings = fresh
         self.grid.tick = self._tick
         self.bridge.debounce.settle = fresh.settle_delay.total_seconds()
@@ -329,6 +332,17 @@ class Daemon:
         self._update_gauges()
         log.info("daemon.rescanned", **summary, seconds=round(time.monotonic() - started, 3))
 
+    async def _resolve_key_ids(self, session: aiohttp.ClientSession) -> list[Resolution]:
+        """Frameworks with a secret key in the environment and no key id get their id from
+        the project key lists (keyids), once at start; a reload keeps what was found."""
+        wanted = keyids.unresolved_secrets(os.environ, self.settings)
+        admin = admin_client(self.settings, session) if wanted else None
+        if admin is None:
+            return []
+        resolved = await keyids.resolve(admin, keyids.search_projects(self.settings), wanted)
+        keyids.apply(self.settings, resolved)
+        return resolved
+
     def _index_problem(self, problem: str) -> None:
         """The index fell back to memory (from any thread): refill it from the files."""
         loop = self._loop
@@ -390,6 +404,7 @@ class Daemon:
         try:
             async with aiohttp.ClientSession() as session:
                 client = client_for(self.settings, session)
+                self._resolved = await self._resolve_key_ids(session)
                 self.reconciler = Reconciler(self.settings, client, clock=self.clock)
                 reconciler = self.reconciler
                 self.registry = Registry(

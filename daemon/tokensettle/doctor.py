@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any, Final
 import aiohttp
 
 from tokensettle import errors
+from tokensettle.admin_api import AdminClient
 from tokensettle.config import (
     ConfigError,
     Problem,
@@ -48,6 +49,8 @@ from tokensettle.config import (
 )
 from tokensettle.config import state_dir_verdict as state_dir_problem_of
 from tokensettle.discovery import Found, scan_all
+from tokensettle.keyids import Resolution, search_projects, unresolved_secrets
+from tokensettle.keyids import resolve as resolve_key_ids
 from tokensettle.serve import probe_bind
 from tokensettle.usage import Scope
 from tokensettle.usage_api import AuthError, UsageApiError, UsageClient
@@ -95,6 +98,7 @@ INOTIFY_CHECK: Final = "inotify watches"
 STATE_CHECK: Final = "state dir"
 SCOPES_CHECK: Final = "scopes"
 HTTP_CHECK: Final = "http addr"
+KEY_IDS_CHECK: Final = "key ids"
 
 INOTIFY_LIMIT_FILE: Final = Path("/proc/sys/fs/inotify/max_user_watches")
 #: Fail when the roots need more than this share of the per-user watch limit...
@@ -216,6 +220,20 @@ def scope_check(framework: str, scope: Scope, runs: int) -> Check:
         None,
         f"no api_key_ids/project_ids: usage of the whole organisation counts ({runs} run(s))",
         fix,
+    )
+
+
+def key_id_check(resolution: Resolution) -> Check:
+    """A framework's key id found from its secret (OPENAI_API_KEY_<FW>), or why not."""
+    name = f"{KEY_IDS_CHECK} ({resolution.framework})"
+    env = f"OPENAI_API_KEY_{resolution.framework.upper()}"
+    if resolution.key_id is not None:
+        return Check(name, True, f"{env} is {resolution.key_id} (project {resolution.project_id})")
+    return Check(
+        name,
+        None,
+        f"{env} is set but its id was not found: {resolution.problem}",
+        f"set {env}_ID=key_... by hand",
     )
 
 
@@ -518,6 +536,8 @@ async def run_checks(
     clock: Callable[[], float] = time.time,
     inotify_limit_file: Path = INOTIFY_LIMIT_FILE,
     api_timeout: float = 60.0,
+    admin: AdminClient | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[Check]:
     """Every check, in a stable order: config, admin key, Usage API, HTTP address, runs
     dirs, state dir, inotify, scopes. The API query and the bind test run while the file
@@ -527,6 +547,10 @@ async def run_checks(
     retries (e.g. `RetryPolicy(attempts=2)`): a doctor should answer in seconds.
     """
     head = [config_check(settings), admin_key_check(bool(settings.secret_key()))]
+    if admin is not None:
+        wanted = unresolved_secrets(os.environ if environ is None else environ, settings)
+        resolutions = await resolve_key_ids(admin, search_projects(settings), wanted)
+        head += [key_id_check(r) for r in resolutions]
     api = asyncio.create_task(_api_check(settings, client, clock(), api_timeout))
     http = asyncio.create_task(_http_check(settings))
     try:
