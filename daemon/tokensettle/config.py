@@ -248,6 +248,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("anthropic_admin_key", *ANTHROPIC_KEY_ALIASES),
     )
     anthropic_api_base_url: str = DEFAULT_ANTHROPIC_URL
+    #: requests a minute to Anthropic's Admin API (it asks for about one a minute sustained;
+    #: bursts of a few are fine), apart from `rate_limit_per_min`, which is OpenAI's
+    anthropic_rate_limit_per_min: float = Field(default=10.0, gt=0, allow_inf_nan=False)
 
     @field_validator("window_grace")
     @classmethod
