@@ -576,11 +576,13 @@ class LeaseStore:
             raise LeaseStoreError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 
     def update(self, change: Callable[[LeaseBook], LeaseBook]) -> LeaseBook:
-        """Under the lock: read, apply `change`, write when it changed anything."""
+        """Under the lock: read, apply `change`, write when it changed anything (or the
+        book was set aside just now: its `reset_at` must outlive this call)."""
         with self.locked():
             book = self.load_or_set_aside()
             new = change(book)
-            if new != book:
+            set_aside = book.reset_at is not None and not self.path.exists()
+            if new != book or set_aside:
                 self.save(new)
             return new
 

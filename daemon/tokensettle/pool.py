@@ -83,7 +83,7 @@ POOL_VALUES_FILE: Final = "anthropic_pool_keys"
 POOL_SETTING: Final = "leases.anthropic.keys ([leases.anthropic] keys in the TOML config)"
 FILE_SETTING: Final = "anthropic_pool_file (TOKENSETTLE_ANTHROPIC_POOL_FILE)"
 _MAX_VALUES_BYTES: Final = 1024 * 1024
-_RENEW_MIN: Final = timedelta(seconds=1)
+_RENEW_MIN: Final = timedelta(seconds=0.2)
 _RENEW_MAX: Final = timedelta(minutes=5)
 #: A `lease exec` that missed this many renewals is gone (killed, or its host is).
 _STALE_RENEWALS: Final = 3
@@ -210,7 +210,8 @@ def free_after(last: datetime, grace: timedelta) -> datetime:
 
 
 def renew_interval(ttl: timedelta) -> timedelta:
-    """How often `lease exec` renews its lease: a third of the TTL, within 1 s..5 min."""
+    """How often `lease exec` renews its lease: a third of the TTL, within 0.2 s..5 min
+    (so even a TTL of seconds is renewed well before it runs out)."""
     return max(_RENEW_MIN, min(_RENEW_MAX, ttl / 3))
 
 

@@ -221,6 +221,8 @@ def test_a_dead_lease_exec_releases_on_settle_from_the_moment_of_release() -> No
     record = exec_lease(renewed_at=at(0), expires_at=at(0) + timedelta(hours=3))
     # renewals every 5 min (a third of 3h, capped); three missed: gone
     assert renew_interval(timedelta(hours=3)) == timedelta(minutes=5)
+    assert renew_interval(timedelta(seconds=3)) == timedelta(seconds=1)
+    assert renew_interval(timedelta(seconds=0.3)) == timedelta(seconds=0.2)
     assert holder_alive(record, at(14)) and not holder_alive(record, at(15))
     book = LeaseBook().with_pool_lease(record)
     got = settle_due(book, {ident(record): [at(10)]}, set(), at(40), GRACE).pool[0]
