@@ -166,9 +166,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         fatal(f"config error: {exc}", event="config.invalid")
         return EXIT_USAGE
-    configure(
-        level=settings.log_level, fmt=settings.log_format, secrets=[settings.secret_key() or ""]
-    )
+    configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     try:
         check = asyncio.run(run_check(settings, days=args.days, projects=args.projects))
     except ConfigError as exc:

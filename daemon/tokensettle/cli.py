@@ -180,7 +180,7 @@ def _logs(settings: Settings, *, level: str | None = None) -> None:
     configure(
         level=level or settings.log_level,
         fmt=settings.log_format,
-        secrets=[settings.secret_key() or ""],
+        secrets=settings.secrets(),
     )
 
 
@@ -299,7 +299,9 @@ async def _reconcile_async(args: argparse.Namespace) -> int:
     revoke_failed = 0
     async with aiohttp.ClientSession() as session:
         await _resolve_key_ids(settings, session)
-        reconciler = Reconciler(settings, _client(settings, session))
+        from tokensettle.sources import usage_sources
+
+        reconciler = Reconciler(settings, None, clients=usage_sources(settings, session))
         report = await reconciler.run_once(selection, dry_run=args.dry_run)
         if not args.dry_run and not report.auth_error:
             from tokensettle.leasekeeper import LeaseKeeper, admin_client, leased_runs
@@ -459,9 +461,15 @@ async def _doctor_async(args: argparse.Namespace) -> int:
     async with aiohttp.ClientSession() as session:
         key = settings.secret_key()
         client = _client(settings, session, quick=True) if key else None
+        from tokensettle.anthropic_api import client_for as anthropic_client
         from tokensettle.leasekeeper import admin_client
 
-        checks = await run_checks(settings, client, admin=admin_client(settings, session))
+        anthropic = (
+            anthropic_client(settings, session, quick=True) if settings.anthropic_key() else None
+        )
+        checks = await run_checks(
+            settings, client, admin=admin_client(settings, session), anthropic=anthropic
+        )
     _emit(render(checks))
     return exit_code(checks)
 

@@ -417,6 +417,11 @@ class Settings(BaseSettings):
     def http_secret(self) -> str | None:
         return self.http_token.get_secret_value() if self.http_token is not None else None
 
+    def secrets(self) -> list[str]:
+        """Every secret value the settings hold, for the log's and the writer's redaction."""
+        values = (self.secret_key(), self.anthropic_key(), self.http_secret())
+        return [v for v in values if v]
+
 
 def secrets_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
     """Where one-file-per-setting secrets may live (a file named `admin_key`): systemd's

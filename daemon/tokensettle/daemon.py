@@ -59,9 +59,10 @@ from tokensettle.runfile import iso
 from tokensettle.scheduler import PollGrid
 from tokensettle.sdnotify import notify, watchdog_interval
 from tokensettle.serve import BindError, StatusServer, probe_bind
+from tokensettle.sources import NO_KEY, providers, usage_sources
 from tokensettle.stability import Status
-from tokensettle.usage import Scope
-from tokensettle.usage_api import client_for
+from tokensettle.usage import OPENAI, Scope
+from tokensettle.usage_api import UsageClient
 
 log = structlog.get_logger("tokensettle.daemon")
 
@@ -362,11 +363,8 @@ class Daemon:
         problem = roots_problem(self.roots)
         if problem is not None:
             raise StartError(str(problem))
-        if not self.settings.secret_key():
-            raise StartError(
-                "admin_key: not set; export TOKENSETTLE_ADMIN_KEY (or a credential file "
-                "admin_key) with an admin key that has api.usage.read"
-            )
+        if not providers(self.settings):
+            raise StartError(NO_KEY)
         state = Path(os.path.abspath(self.settings.state_dir))
         problem = state_dir_problem(state, self.roots)
         if problem is not None:
@@ -403,9 +401,9 @@ class Daemon:
         ping: asyncio.Task[None] | None = None
         try:
             async with aiohttp.ClientSession() as session:
-                client = client_for(self.settings, session)
+                sources = usage_sources(self.settings, session)
                 self._resolved = await self._resolve_key_ids(session)
-                self.reconciler = Reconciler(self.settings, client, clock=self.clock)
+                self.reconciler = Reconciler(self.settings, None, clients=sources, clock=self.clock)
                 reconciler = self.reconciler
                 self.registry = Registry(
                     self.roots,
@@ -418,7 +416,9 @@ class Daemon:
                 )
                 self.registry.defer = self.bridge.defer
                 self.registry.problem = reconciler.run_problem
-                self.bills = BillWatch(lambda: self.settings, client, self.metrics, self.faults)
+                openai = sources.get(OPENAI)
+                if isinstance(openai, UsageClient):  # the bill is OpenAI's only
+                    self.bills = BillWatch(lambda: self.settings, openai, self.metrics, self.faults)
                 self.keeper = LeaseKeeper(
                     lambda: self.settings,
                     admin_client(self.settings, session),
@@ -522,7 +522,7 @@ def run_daemon(overrides: Mapping[str, Any], config_file: Path | None) -> int:
         level=settings.log_level,
         fmt=settings.log_format,
         stream=sys.stdout,
-        secrets=[settings.secret_key() or "", settings.http_secret() or ""],
+        secrets=settings.secrets(),
     )
 
     def reload() -> Settings:

@@ -53,7 +53,7 @@ from tokensettle.keyids import Resolution, search_projects, unresolved_secrets
 from tokensettle.keyids import resolve as resolve_key_ids
 from tokensettle.serve import probe_bind
 from tokensettle.usage import Scope
-from tokensettle.usage_api import AuthError, UsageApiError, UsageClient
+from tokensettle.usage_api import AuthError, UsageApiError, UsageSource
 from tokensettle.watcher import choose_mode, fs_type
 from tokensettle.windows import MINUTE, Interval, floor_minute
 
@@ -94,6 +94,7 @@ EXIT_OK, EXIT_FAILED, EXIT_AUTH = errors.EXIT_OK, errors.EXIT_RUNS_FAILED, error
 CONFIG_CHECK: Final = "config"
 KEY_CHECK: Final = "admin key"
 API_CHECK: Final = "usage api"
+ANTHROPIC_API_CHECK: Final = "anthropic usage"
 INOTIFY_CHECK: Final = "inotify watches"
 STATE_CHECK: Final = "state dir"
 SCOPES_CHECK: Final = "scopes"
@@ -110,6 +111,11 @@ INOTIFY_SUGGESTED_MIN: Final = 524_288
 CREATE_KEY_FIX: Final = (
     "create an admin key with api.usage.read (OpenAI platform: Organization settings > "
     "Admin keys) and set it as TOKENSETTLE_ADMIN_KEY or the admin_key credential file"
+)
+ANTHROPIC_KEY_FIX: Final = (
+    "create an Admin API key in the Anthropic Console (Settings > Admin keys, "
+    "sk-ant-admin...) and set it as TOKENSETTLE_ANTHROPIC_ADMIN_KEY or the "
+    "anthropic_admin_key credential file"
 )
 _ENV_NAME: Final = re.compile(r"[A-Za-z0-9_]+")
 
@@ -149,17 +155,21 @@ def config_error_check(error: ConfigError) -> Check:
     )
 
 
-def admin_key_check(present: bool) -> Check:
+def admin_key_check(present: bool, anthropic: bool = False) -> Check:
+    """The OpenAI admin key; with only an Anthropic one, OpenAI runs cannot settle."""
     if present:
-        return Check(KEY_CHECK, True, "set (the value is never shown)")
-    return Check(
-        KEY_CHECK,
-        False,
-        "no admin key: nothing can be settled",
+        also = "; an Anthropic admin key too" if anthropic else ""
+        return Check(KEY_CHECK, True, f"set (the value is never shown){also}")
+    fix = (
         "set TOKENSETTLE_ADMIN_KEY (or OPENAI_ADMIN_KEY), or provide a file named admin_key "
         "(systemd: LoadCredential=admin_key:/etc/tokensettle/admin_key; Docker: the secret "
-        "/run/secrets/admin_key)",
+        "/run/secrets/admin_key)"
     )
+    if anthropic:
+        return Check(
+            KEY_CHECK, None, "only an Anthropic admin key: OpenAI runs cannot be settled", fix
+        )
+    return Check(KEY_CHECK, False, "no admin key: nothing can be settled", fix)
 
 
 def last_full_minute(now: float) -> Interval:
@@ -168,30 +178,40 @@ def last_full_minute(now: float) -> Interval:
     return Interval(start, start + MINUTE)
 
 
-def api_ok_check(rows: int, interval: Interval) -> Check:
+#: check name -> (what is read, what the key needs for it, the fix of a refused key)
+_REPORTS: Final = {
+    API_CHECK: ("the Usage API", " (api.usage.read)", CREATE_KEY_FIX),
+    ANTHROPIC_API_CHECK: ("Anthropic's usage report", "", ANTHROPIC_KEY_FIX),
+}
+
+
+def api_ok_check(rows: int, interval: Interval, *, name: str = API_CHECK) -> Check:
     return Check(
-        API_CHECK,
+        name,
         True,
-        f"the key can read usage (api.usage.read): {rows} row(s) in the minute "
+        f"the key can read usage{_REPORTS[name][1]}: {rows} row(s) in the minute "
         f"{datetime.fromtimestamp(interval.start, UTC):%Y-%m-%d %H:%M} UTC",
     )
 
 
-def api_error_check(error: UsageApiError | TimeoutError, base_url: str) -> Check:
+def api_error_check(
+    error: UsageApiError | TimeoutError, base_url: str, *, name: str = API_CHECK
+) -> Check:
+    what, _, fix = _REPORTS[name]
     if isinstance(error, AuthError):
-        return Check(API_CHECK, False, str(error), CREATE_KEY_FIX)
+        return Check(name, False, str(error), fix)
     reason = str(error) if isinstance(error, UsageApiError) else "no answer in time"
     return Check(
-        API_CHECK,
+        name,
         None,
-        f"could not reach the Usage API: {reason}",
+        f"could not reach {what}: {reason}",
         f"check network access to {base_url} (proxy, firewall, DNS); the key was not "
         "checked. The daemon retries on its own.",
     )
 
 
-def api_not_checked(reason: str) -> Check:
-    return Check(API_CHECK, None, f"not checked: {reason}")
+def api_not_checked(reason: str, *, name: str = API_CHECK) -> Check:
+    return Check(name, None, f"not checked: {reason}")
 
 
 def framework_env_var(framework: str) -> str | None:
@@ -514,50 +534,83 @@ def _filesystem_checks(settings: Settings, limit_file: Path) -> list[Check]:
 
 
 async def _api_check(
-    settings: Settings, client: UsageClient | None, now: float, seconds: float
+    client: UsageSource | None,
+    now: float,
+    seconds: float,
+    *,
+    base_url: str,
+    missing: str | None,
+    name: str = API_CHECK,
 ) -> Check:
-    if not settings.secret_key():
-        return api_not_checked("no admin key")
+    """One minute of a provider's usage report read with the configured key."""
+    if missing is not None:
+        return api_not_checked(missing, name=name)
     if client is None:
-        return api_not_checked("no Usage API client")
+        return api_not_checked("no usage report client", name=name)
     interval = last_full_minute(now)
     try:
         async with asyncio.timeout(seconds):
             result = await client.fetch(interval)
     except (UsageApiError, TimeoutError) as exc:
-        return api_error_check(exc, settings.api_base_url)
-    return api_ok_check(len(result.rows), interval)
+        return api_error_check(exc, base_url, name=name)
+    return api_ok_check(len(result.rows), interval, name=name)
 
 
 async def run_checks(
     settings: Settings,
-    client: UsageClient | None,
+    client: UsageSource | None,
     *,
     clock: Callable[[], float] = time.time,
     inotify_limit_file: Path = INOTIFY_LIMIT_FILE,
     api_timeout: float = 60.0,
     admin: AdminClient | None = None,
     environ: Mapping[str, str] | None = None,
+    anthropic: UsageSource | None = None,
 ) -> list[Check]:
-    """Every check, in a stable order: config, admin key, Usage API, HTTP address, runs
-    dirs, state dir, inotify, scopes. The API query and the bind test run while the file
-    system is looked at.
+    """Every check, in a stable order: config, admin key, Usage API (and Anthropic's usage
+    report when its key is set), HTTP address, runs dirs, state dir, inotify, scopes. The
+    API queries and the bind test run while the file system is looked at.
 
-    `client` may be None when there is no key to build one with. Give the CLI's client few
-    retries (e.g. `RetryPolicy(attempts=2)`): a doctor should answer in seconds.
+    `client` (OpenAI's) and `anthropic` may be None when there is no key to build one
+    with. Give them few retries (`quick=True`): a doctor should answer in seconds.
     """
-    head = [config_check(settings), admin_key_check(bool(settings.secret_key()))]
+    has_anthropic = bool(settings.anthropic_key())
+    head = [config_check(settings), admin_key_check(bool(settings.secret_key()), has_anthropic)]
     if admin is not None:
         wanted = unresolved_secrets(os.environ if environ is None else environ, settings)
         resolutions = await resolve_key_ids(admin, search_projects(settings), wanted)
         head += [key_id_check(r) for r in resolutions]
-    api = asyncio.create_task(_api_check(settings, client, clock(), api_timeout))
+    now = clock()
+    apis = [
+        asyncio.create_task(
+            _api_check(
+                client,
+                now,
+                api_timeout,
+                base_url=settings.api_base_url,
+                missing=None if settings.secret_key() else "no admin key",
+            )
+        )
+    ]
+    if has_anthropic:
+        apis.append(
+            asyncio.create_task(
+                _api_check(
+                    anthropic,
+                    now,
+                    api_timeout,
+                    base_url=settings.anthropic_api_base_url,
+                    missing=None,
+                    name=ANTHROPIC_API_CHECK,
+                )
+            )
+        )
     http = asyncio.create_task(_http_check(settings))
     try:
         files = await asyncio.to_thread(_filesystem_checks, settings, inotify_limit_file)
     except BaseException:
-        for task in (api, http):
+        for task in (*apis, http):
             task.cancel()
-        await asyncio.gather(api, http, return_exceptions=True)
+        await asyncio.gather(*apis, http, return_exceptions=True)
         raise
-    return [*head, await api, await http, *files]
+    return [*head, *[await api for api in apis], await http, *files]

@@ -414,7 +414,7 @@ def _resolve_command(cmd: Sequence[str]) -> list[str]:
 
 def _setup(args: argparse.Namespace) -> tuple[Settings, LeaseStore]:
     settings = load_settings({}, config_file=getattr(args, "config", None))
-    configure(level=settings.log_level, fmt=settings.log_format, secrets=[_key(settings)])
+    configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     return settings, LeaseStore(settings.state_dir)
 
 
@@ -499,7 +499,7 @@ async def _exec(args: argparse.Namespace) -> int:
     configure(
         level=settings.log_level,
         fmt=settings.log_format,
-        secrets=[_key(settings), minted.key.value],
+        secrets=[*settings.secrets(), minted.key.value],
     )
     env = child_environment(
         os.environ,
@@ -589,7 +589,7 @@ async def _take_pool(
     configure(
         level=settings.log_level,
         fmt=settings.log_format,
-        secrets=[_key(settings), *values.values()],
+        secrets=[*settings.secrets(), *values.values()],
     )
     ttl = args.ttl or settings.lease_ttl
     wait = args.wait if args.wait is not None else DEFAULT_WAIT

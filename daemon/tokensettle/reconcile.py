@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -47,13 +47,14 @@ from tokensettle.stability import (
     next_due,
 )
 from tokensettle.states import NOT_DUE, SKIPPED, TOO_OLD, shown_state
-from tokensettle.usage import Scope, Usage, UsageRow
+from tokensettle.usage import ANTHROPIC, OPENAI, Scope, Usage, UsageRow
 from tokensettle.usage_api import (
     USAGE_PATH,
     AuthError,
     FetchResult,
     Filters,
     UsageApiError,
+    UsageSource,
 )
 from tokensettle.usage_scope import (
     MAX_SCOPE_BYTES,
@@ -67,19 +68,8 @@ from tokensettle.writeback import RunWriter, Written
 log = structlog.get_logger("tokensettle.reconcile")
 
 
-OPENAI, ANTHROPIC = "openai", "anthropic"
 ANTHROPIC_KEY_PREFIX = "apikey_"
 ANTHROPIC_USAGE_PATH = "/v1/organizations/usage_report/messages"
-
-
-class UsageSource(Protocol):
-    """A provider's usage report: one-minute rows of an interval (usage_api.UsageClient,
-    anthropic_api.AnthropicUsageClient)."""
-
-    @property
-    def requests_sent(self) -> int: ...
-
-    async def fetch(self, interval: Interval, filters: Filters = ...) -> FetchResult: ...
 
 
 def is_claude(model: str | None) -> bool:
@@ -429,7 +419,7 @@ class Reconciler:
         self.clock = clock
         self.policy = policy or policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
-        self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
+        self.writer = RunWriter(self.grace, secrets=settings.secrets())
         self._routed: set[str] = set()
         self._framework_scopes: dict[str, Scope] = {}
 
@@ -461,7 +451,7 @@ class Reconciler:
         self._framework_scopes.clear()
         self.policy = policy_of(settings)
         self.grace = int(settings.window_grace.total_seconds())
-        self.writer = RunWriter(self.grace, secrets=[settings.secret_key() or ""])
+        self.writer = RunWriter(self.grace, secrets=settings.secrets())
 
     def scope_of(self, record: RunRecord | RunRef) -> Scope:
         """A run's declared scope replaces its framework's. A framework that names no

@@ -574,7 +574,10 @@ def apply_patch(
         totals = patch.totals
         block["total_tokens_in"] = totals.input_tokens
         block["total_tokens_out"] = totals.output_tokens
-        block["total_api_calls"] = totals.num_model_requests
+        # A provider that counts no requests (Anthropic) leaves every API call count as
+        # the run wrote it: 0 would be a number nobody measured.
+        counted = totals.requests_counted
+        block["total_api_calls"] = totals.num_model_requests if counted else None
         block["total_cached_tokens"] = totals.cached_tokens
         agg = out.get("aggregate_metrics")
         if not isinstance(agg, dict):
@@ -584,6 +587,8 @@ def apply_patch(
             if key == "CACHED_TOKENS":
                 if patch.cached_tokens is not None:
                     _set_count(agg, key, patch.cached_tokens)
+                continue
+            if key == "API_CALLS" and not counted:
                 continue
             _set_count(agg, key, getattr(totals, attr))
         if patch.cost_usd is not None and "COST_USD" in agg:
@@ -603,6 +608,8 @@ def apply_patch(
                 value = patch.step_values.get(step.index, Usage())
                 target = raw_steps[step.index]
                 for key in step.token_keys:
+                    if key == "api_calls" and not counted:
+                        continue
                     _set_count(target, key, getattr(value, STEP_TOKEN_KEYS[key]))
                 updated.append(step.label)
         block["steps_updated"] = updated

@@ -35,7 +35,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 REQUIRED_FIELDS: tuple[str, ...] = ("input_tokens", "output_tokens", "num_model_requests")
 OPTIONAL_FIELDS: tuple[str, ...] = (
@@ -71,12 +71,15 @@ ANTHROPIC_OPTIONAL_FIELDS: tuple[str, ...] = (
     "web_search_requests",
 )
 ALL_OPTIONAL_FIELDS: tuple[str, ...] = OPENAI_OPTIONAL_FIELDS + ANTHROPIC_OPTIONAL_FIELDS
+#: The providers whose usage reports tokensettle reads (a scope's `provider`).
+OPENAI: Final = "openai"
+ANTHROPIC: Final = "anthropic"
 #: The optional fields each provider's usage data can carry: what a breakdown lists as
 #: "not carried" when absent (a field a provider never reports is not news).
 PROVIDER_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "openai": OPENAI_OPTIONAL_FIELDS,
-        "anthropic": (
+        OPENAI: OPENAI_OPTIONAL_FIELDS,
+        ANTHROPIC: (
             "input_cached_tokens",
             "input_cache_write_tokens",
             "input_uncached_tokens",
@@ -90,9 +93,7 @@ DIMENSIONS: tuple[str, ...] = ("api_key_id", "project_id", "model")
 REQUESTS_COUNTED = "requests_counted"
 #: Whether a provider's usage data counts model requests. Anthropic's usage report does
 #: not: its runs have no provider request count, and API_CALLS must not be written from it.
-PROVIDER_COUNTS_REQUESTS: Mapping[str, bool] = MappingProxyType(
-    {"openai": True, "anthropic": False}
-)
+PROVIDER_COUNTS_REQUESTS: Mapping[str, bool] = MappingProxyType({OPENAI: True, ANTHROPIC: False})
 
 
 def counts_requests(provider: str) -> bool:

@@ -518,6 +518,16 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
 # The client
 
 
+class UsageSource(Protocol):
+    """A provider's usage report: one-minute rows of an interval (UsageClient,
+    anthropic_api.AnthropicUsageClient)."""
+
+    @property
+    def requests_sent(self) -> int: ...
+
+    async def fetch(self, interval: Interval, filters: Filters = ...) -> FetchResult: ...
+
+
 class UsageClient:
     """Reads the completions usage of an interval. One instance per daemon (shares the
     rate limiter); the aiohttp session is owned by the caller.

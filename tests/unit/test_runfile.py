@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -477,6 +478,30 @@ def test_apply_patch_verified_writes_aggregates_steps_and_block(status: Status) 
     assert list(out)[: len(doc)] == list(doc)  # key order kept, block appended
     assert doc == v1_doc() | {"steps": doc["steps"]}  # input not mutated
     assert "cached_tokens" not in doc["steps"][1]
+
+
+def test_a_provider_that_counts_no_requests_leaves_every_api_call_count_alone() -> None:
+    """Anthropic's usage report has no request count: API_CALLS and the steps' api_calls
+    keep what the run wrote (0 would be a number nobody measured); tokens are written."""
+    doc = v1_doc()
+    doc["aggregate_metrics"]["API_CALLS"] = 7
+    doc["steps"][0]["api_calls"] = 5
+    uncounted = TOTALS.replace(num_model_requests=0, requests_counted=False)
+    patch = _patch(Status.VERIFIED, uncounted)
+    patch = replace(
+        patch,
+        step_values={
+            i: u.replace(num_model_requests=0, requests_counted=False)
+            for i, u in STEP_VALUES.items()
+        },
+    )
+    out = apply_patch(doc, patch, parse(doc).steps)
+    assert out["aggregate_metrics"]["API_CALLS"] == 7
+    assert out["steps"][0]["api_calls"] == 5
+    assert out["steps"][2]["api_calls"] == doc["steps"][2]["api_calls"]
+    assert out["aggregate_metrics"]["TOK_IN"] == 20150
+    assert out["steps"][0]["tokens_in"] == 16439
+    assert out[BLOCK]["total_api_calls"] is None
 
 
 def test_apply_patch_never_adds_step_token_keys_to_v2_steps() -> None:
