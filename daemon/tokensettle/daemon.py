@@ -211,6 +211,9 @@ class Daemon:
         for status_name in {*counts, *(s.value for s in Status), "too_old", "skipped"}:
             self.metrics.runs.labels(status_name).set(counts.get(status_name, 0))
         self.metrics.queue_depth.set(len(self.grid))
+        oldest = self.registry.oldest_waiting_end() if self.registry else None
+        age = (self.clock() - oldest).total_seconds() if oldest is not None else 0.0
+        self.metrics.oldest_waiting.set(max(age, 0.0))
 
     def _routes(self) -> dict[str, Callable[[web.Request], Any]]:
         async def healthz(_: web.Request) -> web.Response:

@@ -59,6 +59,12 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("tokensettle_queue_depth", "Runs waiting for a poll", registry=r)
+        self.oldest_waiting = Gauge(
+            "tokensettle_oldest_waiting_run_age_seconds",
+            "Age from its end of the oldest run not yet settled (pending, data_not_available, "
+            "warning); 0 when none waits",
+            registry=r,
+        )
         self.faults = Gauge(
             "tokensettle_faults",
             "Faults active now, by kind (write, fetch, index, auth, watcher, ...)",

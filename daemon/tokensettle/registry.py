@@ -25,7 +25,7 @@ from tokensettle.reconcile import Loaded, RunRef, load_runs, window_problem
 from tokensettle.runfile import RunRecord, iso
 from tokensettle.scheduler import PollGrid
 from tokensettle.stability import TERMINAL, Policy, Status, next_due
-from tokensettle.states import TOO_OLD
+from tokensettle.states import TOO_OLD, WAITING
 from tokensettle.usage import Scope
 from tokensettle.windows import Activity
 
@@ -447,6 +447,15 @@ class Registry:
             items = [i for i in items if i["framework"] == framework]
             frameworks = {k: v for k, v in frameworks.items() if k == framework}
         return {"runs": items, "finished": self.index.counts(), "frameworks": frameworks}
+
+    def oldest_waiting_end(self) -> datetime | None:
+        """The end of the oldest run still to settle, `too_old` included (None: none)."""
+        ends = [
+            t.loaded.record.end
+            for t in self.tracked.values()
+            if t.state in WAITING and t.loaded.record is not None
+        ]
+        return min(ends, default=None)
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

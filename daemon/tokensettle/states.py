@@ -16,6 +16,10 @@ from tokensettle.stability import TERMINAL, Status
 NOT_DUE = "not_due"
 TOO_OLD = "too_old"
 SKIPPED = "skipped"
+#: Shown states of a run that is still to settle (`too_old`: past MAX_AGE yet not expired)
+WAITING = frozenset(
+    {Status.PENDING.value, Status.DATA_NOT_AVAILABLE.value, Status.WARNING.value, TOO_OLD}
+)
 
 
 def shown_state(record: RunRecord, now: datetime, max_age: timedelta) -> str:

@@ -7,6 +7,7 @@ which promtool cannot see."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -27,6 +28,25 @@ pytestmark = pytest.mark.e2e
 _WORDS = re.compile(r"^\w+(\|\w+)*$")
 
 
+def gauge(text: str, name: str) -> float:
+    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
+async def test_the_oldest_waiting_run_is_its_age_from_its_end(world: World) -> None:
+    """A run whose usage never shows stays `data_not_available`: the gauge the stuck-run
+    alert watches is its age from its end (about six hours here), not 0."""
+    run = world.run("chatdev", "waiting-1", slot=0, tokens=(1200, 300, 2))  # not registered
+    daemon = await world.start()
+    write_in_new_dirs(world.path(run), run.data)
+    await daemon.wait_event("run.polled", 30, run_id="waiting-1", status="data_not_available")
+    status, text = await daemon.get(world.session, "/metrics")
+    assert status == 200
+    end = run.steps[-1][1]
+    age = gauge(text, "tokensettle_oldest_waiting_run_age_seconds")
+    assert time.time() - end - 60 <= age <= time.time() - end + 1, (age, end)
+
+
 async def test_every_label_and_value_the_queries_match_is_in_a_real_scrape(
     world: World,
 ) -> None:
@@ -44,6 +64,7 @@ async def test_every_label_and_value_the_queries_match_is_in_a_real_scrape(
     assert {"status"} <= set(labels["tokensettle_runs"])
     assert {"verdict"} <= set(labels["tokensettle_bill_days"])
     assert {"framework", "direction"} <= set(labels["tokensettle_settled_tokens_total"])
+    assert gauge(text, "tokensettle_oldest_waiting_run_age_seconds") == 0.0  # none waits
 
     queries = [(f"alerts.yml: {r['alert']}", str(r["expr"])) for r in alert_rules()]
     queries += dashboard_exprs()

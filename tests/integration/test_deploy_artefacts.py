@@ -30,17 +30,6 @@ from tests.support.promql import (
 from tokensettle.health import WHAT
 from tokensettle.metrics import Metrics
 
-#: Written against a series the daemon does not export yet; each entry says what to add.
-#: Once it is exported, test_proposed_metrics_are_exported passes and fails as a strict
-#: xfail: then delete the entry.
-PROPOSED = {
-    "tokensettle_oldest_waiting_run_age_seconds": (
-        "gauge, 'Age from its end of the oldest run not yet settled (pending, "
-        "data_not_available, warning); 0 when none waits', set in Daemon._update_gauges "
-        "from the registry's tracked runs; used by TokensettleRunStuckPastMaxAge"
-    ),
-}
-
 #: A fault kind an alert watches through another series the daemon derives from it.
 FAULT_SERIES = {
     "write": "tokensettle_runs_write_failing",  # = the count of write faults
@@ -107,24 +96,13 @@ def test_the_check_refuses_a_name_the_daemon_does_not_export() -> None:
 
 
 def test_every_query_uses_only_exported_series() -> None:
-    names = exported() | PROMETHEUS_OWN | set(PROPOSED)
+    names = exported() | PROMETHEUS_OWN
     queries = every_query()
     assert len(queries) > 50
     unknown = {
         (where, name) for where, expr in queries for name in metric_names(expr) if name not in names
     }
     assert not unknown, sorted(unknown)
-
-
-def test_proposed_series_appear_only_in_alerts() -> None:
-    for where, expr in every_query():
-        used = metric_names(expr) & set(PROPOSED)
-        assert not used or where.startswith(("alerts.yml", "alerts_test.yml")), (where, used)
-
-
-@pytest.mark.xfail(reason="proposed metrics, not exported yet: " + "; ".join(PROPOSED))
-def test_proposed_metrics_are_exported() -> None:
-    assert set(PROPOSED) <= exported()
 
 
 # ---------------------------------------------------------------------- the alerts
