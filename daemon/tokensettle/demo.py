@@ -12,7 +12,10 @@ daemon:
 2. four real experiment processes of one framework call the simulator's model at the same
    time with the framework's one key: minute buckets cannot tell them apart (`ambiguous`);
 3. the same four with `tokensettle lease exec`, a key each: exact, `verified`, and the
-   keys are deleted once the runs are settled.
+   keys are deleted once the runs are settled;
+4. a framework on Claude models, settled against Anthropic's usage report on the same
+   simulator: input is uncached + cache reads + cache writes, and API_CALLS is left as the
+   run wrote it (Anthropic counts no requests).
 
 An act is an `Act`: `setup` (simulator state, daemon settings, its run names) before the
 daemon starts, `play` (start its runs, return them with their truth) and `finish` (its own
@@ -555,11 +558,115 @@ class LeasedAct(ParallelAct):
         return lines
 
 
-ACTS: list[Callable[[], Act]] = [SettlingAct, ParallelAct, LeasedAct]
+CLAUDE_FRAMEWORK, CLAUDE_KEY = "claudebench", "apikey_01claudebenchDEMO"
+CLAUDE_MODEL = "claude-haiku-4-5-20251001"
+ANTHROPIC_DEMO_ADMIN_KEY = "sk-ant-admin-simulator-0000"
+
+
+class ClaudeAct(Act):
+    """Act 4: two runs of a framework on Claude models, beside the OpenAI ones, settled
+    against Anthropic's usage report: input adds up from its parts (uncached, cache read,
+    cache writes), and no request count is made up."""
+
+    title = f"a Claude framework ({CLAUDE_FRAMEWORK}): Anthropic's usage report, same daemon"
+
+    async def setup(self, stage: Stage) -> None:
+        rng = random.Random(11)
+        start = int(time.time()) - 2400
+        self.runs: list[DemoRun] = []
+        requests: list[dict[str, Any]] = []
+        for i in range(2):
+            run_id = f"demo-claude-{i:02d}"
+            path = stage.root / CLAUDE_FRAMEWORK / run_id / "metrics.json"
+            run = DemoRun(CLAUDE_FRAMEWORK, run_id, path, {})
+            steps = [(float(start + 300 * i), float(start + 300 * i + 120))]
+            for _ in range(3):
+                uncached, read = rng.randint(300, 3000), rng.choice([0, 2048, 4096])
+                w5, w1h = rng.choice([0, 1024]), rng.choice([0, 0, 512])
+                out = rng.randint(100, 900)
+                requests.append(
+                    {
+                        "provider": "anthropic",
+                        "time": rng.uniform(*steps[0]),
+                        "api_key_id": CLAUDE_KEY,
+                        "model": CLAUDE_MODEL,
+                        "usage": {
+                            "uncached_input_tokens": uncached,
+                            "cache_read_input_tokens": read,
+                            "cache_creation": {
+                                "ephemeral_5m_input_tokens": w5,
+                                "ephemeral_1h_input_tokens": w1h,
+                            },
+                            "output_tokens": out,
+                        },
+                        "visible_after": rng.uniform(1.0, 4.0),
+                    }
+                )
+                run.truth_in += uncached + read + w5 + w1h
+                run.truth_out += out
+            # API_CALLS stays as written: the truth has no request count to compare with.
+            run.doc = _claude_doc(run_id, steps)
+            self.runs.append(run)
+        self.run_ids = frozenset(r.run_id for r in self.runs)
+        await stage.post("/_sim/requests", {"requests": requests})
+        stage.env.update(
+            TOKENSETTLE_ANTHROPIC_API_BASE_URL=stage.sim.anthropic_base_url,
+            TOKENSETTLE_ANTHROPIC_ADMIN_KEY=ANTHROPIC_DEMO_ADMIN_KEY,
+            # Anthropic asks for ~1 request a minute; the demo's minutes are seconds.
+            TOKENSETTLE_ANTHROPIC_RATE_LIMIT_PER_MIN="600",
+            **{f"ANTHROPIC_API_KEY_{CLAUDE_FRAMEWORK.upper()}_ID": CLAUDE_KEY},
+        )
+        _say(f"simulator  {len(requests)} Claude requests for act 4 (Anthropic's usage report)")
+
+    async def play(self, stage: Stage) -> list[DemoRun]:
+        for run in self.runs:
+            _write(run.path, json.dumps(run.doc, indent=2))
+        return self.runs
+
+    async def finish(self, stage: Stage, runs: list[DemoRun]) -> list[tuple[str, bool]]:
+        blocks = [json.loads(r.path.read_text()).get("usage_api_reconciliation", {}) for r in runs]
+        providers = {b.get("provenance", {}).get("provider") for b in blocks}
+        uncounted = all(b.get("total_api_calls") is None for b in blocks)
+        return [
+            (
+                f"settled against: {', '.join(sorted(map(str, providers)))}",
+                providers == {"anthropic"},
+            ),
+            (
+                f"API_CALLS left as written (no request count): {'yes' if uncounted else 'NO'}",
+                uncounted,
+            ),
+        ]
+
+
+def _claude_doc(run_id: str, steps: list[tuple[float, float]]) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "model": CLAUDE_MODEL,
+        "start_timestamp": _iso(steps[0][0]),
+        "end_timestamp": _iso(steps[-1][1]),
+        "steps": [
+            {
+                "step_number": n,
+                "start_timestamp": s,
+                "end_timestamp": e,
+                "tokens_in": 0,
+                "tokens_out": 0,
+                "cached_tokens": 0,
+            }
+            for n, (s, e) in enumerate(steps, 1)
+        ],
+        "aggregate_metrics": {"TOK_IN": 0, "TOK_OUT": 0, "API_CALLS": 0, "CACHED_TOKENS": 0},
+        "verification_status": "pending",
+    }
+
+
+ACTS: list[Callable[[], Act]] = [SettlingAct, ParallelAct, LeasedAct, ClaudeAct]
 
 
 def _clean_environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("TOKENSETTLE_", "OPENAI_"))}
+    own = ("TOKENSETTLE_", "OPENAI_", "ANTHROPIC_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(own)}
 
 
 def _settled(log: Log, runs: list[DemoRun]) -> bool:
@@ -686,7 +793,8 @@ async def _demo(root: Path) -> int:
             played = await _play(stage, acts)
             async with session.get(f"http://{http}/healthz") as resp:
                 health = await resp.json()
-            total_requests = (await stage.get("/_sim/stats"))["usage_requests"]
+            stats = await stage.get("/_sim/stats")
+            total_requests, claude_requests = stats["usage_requests"], stats["anthropic_requests"]
         finally:
             if daemon.returncode is None:
                 daemon.send_signal(signal.SIGTERM)
@@ -705,7 +813,10 @@ async def _demo(root: Path) -> int:
     n_runs = sum(len(runs) for _, runs, _ in played)
     _say(f"\ndaemon healthy at the end: {health['status']}; stopped with SIGTERM, exit code {code}")
     elapsed = time.monotonic() - started
-    _say(f"{total_requests} Usage API requests for {n_runs} runs, {elapsed:.1f} s")
+    _say(
+        f"{total_requests} Usage API requests and {claude_requests} to Anthropic's usage report "
+        f"for {n_runs} runs, {elapsed:.1f} s"
+    )
     _say(f"inspect: {root}/<framework>/<run>/metrics.json ('usage_api_reconciliation' block)")
     return 0 if ok and code == 0 and health["status"] == "ok" else 1
 
