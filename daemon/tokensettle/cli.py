@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="count ambiguous runs (partly apportioned tokens) in the statistics",
     )
     p_rep.add_argument("--figures", type=Path, metavar="DIR", help="write each chart as DIR/*.svg")
+    p_rep.add_argument(
+        "--bill",
+        nargs="?",
+        const=7,
+        type=int,
+        metavar="DAYS",
+        help="add the bill check of the last DAYS complete UTC days (default 7; table, "
+        "markdown, html, json)",
+    )
 
     p_price = sub.add_parser("reprice", parents=[common], help="price settled runs again")
     p_price.add_argument("framework", nargs="?")
@@ -381,6 +390,8 @@ def _report(args: argparse.Namespace) -> int:
     text = render_report(
         summaries, args.format, generated_at=now, include_ambiguous=args.include_ambiguous
     )
+    if args.bill is not None:
+        text = _with_bill(text, args, settings, now)
     if args.figures is not None:
         files = figure_files(summaries, include_ambiguous=args.include_ambiguous)
         try:
@@ -399,6 +410,26 @@ def _report(args: argparse.Namespace) -> int:
     else:
         _emit(text.rstrip("\n"))
     return EXIT_RUNS_FAILED if unreadable else EXIT_OK
+
+
+def _with_bill(text: str, args: argparse.Namespace, settings: Settings, now: datetime) -> str:
+    """The report with the bill check as its section; a check that cannot run (no key, a
+    refused key, the API down) is a section saying why, not a failed report."""
+    from tokensettle.bill import report_section, section_json
+    from tokensettle.bill_cli import check_for_report
+    from tokensettle.report import BILL_FORMATS, with_section
+
+    if args.format not in BILL_FORMATS:
+        raise CommandError(
+            f"report --bill: not with --format {args.format}; use one of {', '.join(BILL_FORMATS)}",
+            EXIT_USAGE,
+        )
+    if not 1 <= args.bill <= 366:
+        raise CommandError("report --bill: DAYS must be 1 to 366", EXIT_USAGE)
+    check = check_for_report(settings, days=args.bill, now=now)
+    if args.format == "json":
+        return with_section(text, "json", section_json(check))
+    return with_section(text, args.format, report_section(check, args.format))
 
 
 def _reprice(args: argparse.Namespace) -> int:

@@ -250,3 +250,26 @@ def render(
         report = build(runs, include_ambiguous=include_ambiguous, generated_at=generated_at)
         return render_markdown(report) if fmt == "markdown" else render_latex(report)
     raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+#: Formats the bill check can be a section of (`report --bill`).
+BILL_FORMATS: tuple[str, ...] = ("table", "markdown", "html", "json")
+
+
+def with_section(text: str, fmt: Format, section: str | dict[str, Any], key: str = "bill") -> str:
+    """The rendered report with a section added: under `key` of the JSON object, before
+    the end of the HTML body, or after the text of a table or markdown report."""
+    if fmt == "json":
+        doc = json.loads(text)
+        doc[key] = section if isinstance(section, dict) else json.loads(section)
+        return json.dumps(doc, indent=2) + "\n"
+    if not isinstance(section, str):
+        raise ValueError(f"a {fmt} section is text")
+    if fmt == "html":
+        end = text.rfind("</body>")
+        if end < 0:
+            raise ValueError("the HTML report has no body to add a section to")
+        return text[:end] + section + text[end:]
+    if fmt in ("table", "markdown"):
+        return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    raise ValueError(f"no sections in the {fmt} format")

@@ -37,10 +37,10 @@ class Bill:
     env: dict[str, str]
     cwd: Path
 
-    async def run(self, *args: str, **extra: str) -> Result:
+    async def run(self, *args: str, command: str = "bill", **extra: str) -> Result:
         proc = await asyncio.create_subprocess_exec(
             EXE,
-            "bill",
+            command,
             *args,
             env={**self.env, **extra},
             cwd=self.cwd,
@@ -89,7 +89,9 @@ async def bill(tmp_path: Path) -> AsyncIterator[Bill]:
             "TOKENSETTLE_ADMIN_KEY": SIMULATOR_ADMIN_KEY,
             "TOKENSETTLE_LOG_FORMAT": "json",
             "TOKENSETTLE_REQUEST_ATTEMPTS": "1",
+            "TOKENSETTLE_RUNS_DIRS": str(tmp_path / "runs"),
         }
+        (tmp_path / "runs").mkdir()
         yield Bill(sim, session, env, tmp_path)
 
 
@@ -166,3 +168,35 @@ async def test_the_parser_loads_nothing_heavy() -> None:
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == 0 and out.decode().strip() == "[]"
+
+
+# ------------------------------------------------------------------ report --bill
+
+
+async def test_report_carries_the_bill_check_as_a_section(bill: Bill) -> None:
+    as_json = await bill.run("--format", "json", "--bill", "10", command="report")
+    assert as_json.code == 0, as_json.err
+    doc = json.loads(as_json.out)
+    assert doc["bill"]["verdict"] == "ok" and doc["bill"]["counts"]["ok"] == 3
+    assert "frameworks" in doc  # the report itself is all there
+    await bill.knobs(price_factors={MINI: 1.25})
+    as_md = await bill.run("--format", "markdown", "--bill", "10", command="report")
+    assert as_md.code == 0, as_md.err
+    assert "### Bill check" in as_md.out and "mismatch" in as_md.out
+    as_html = await bill.run("--format", "html", "--bill", command="report")
+    assert as_html.code == 0 and "<h2>Bill check</h2>" in as_html.out
+    assert as_html.out.rstrip().endswith("</html>")
+
+
+async def test_report_says_why_the_bill_is_missing_and_still_succeeds(bill: Bill) -> None:
+    result = await bill.run("--bill", command="report", TOKENSETTLE_ADMIN_KEY=UNSCOPED)
+    assert result.code == 0, result.err
+    assert "Bill check: not available" in result.out and "api.usage.read" in result.out
+    assert UNSCOPED not in result.out + result.err
+
+
+async def test_report_bill_in_a_format_without_sections_is_a_usage_error(bill: Bill) -> None:
+    result = await bill.run("--format", "csv", "--bill", command="report")
+    assert result.code == 2 and result.out == ""
+    (line,) = result.err.splitlines()
+    assert "report --bill: not with --format csv" in line
