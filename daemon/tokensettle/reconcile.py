@@ -47,7 +47,7 @@ from tokensettle.stability import (
     next_due,
 )
 from tokensettle.states import NOT_DUE, SKIPPED, TOO_OLD, shown_state
-from tokensettle.usage import ANTHROPIC, OPENAI, Scope, Usage, UsageRow
+from tokensettle.usage import ANTHROPIC, OPENAI, Scope, Usage, UsageRow, is_claude
 from tokensettle.usage_api import (
     USAGE_PATH,
     AuthError,
@@ -70,11 +70,6 @@ log = structlog.get_logger("tokensettle.reconcile")
 
 ANTHROPIC_KEY_PREFIX = "apikey_"
 ANTHROPIC_USAGE_PATH = "/v1/organizations/usage_report/messages"
-
-
-def is_claude(model: str | None) -> bool:
-    """A model name that can only be Anthropic's."""
-    return model is not None and "claude" in model.lower()
 
 
 def utcnow() -> datetime:
@@ -703,6 +698,7 @@ class Reconciler:
             grace=self.grace,
             provenance=self._provenance(record, result.fetched),
             local_tolerance=self.settings.local_tolerance,
+            provider=self.scope_of(record).provider,
         )
         verdict, usage = settled.verdict, settled.totals
         written = self._write(entry, settled.patch, dry_run)

@@ -26,7 +26,7 @@ from tokensettle.runfile import (
     parse_run,
 )
 from tokensettle.stability import WRITES_TOKENS
-from tokensettle.usage import Usage
+from tokensettle.usage import ANTHROPIC, OPENAI, PROVIDERS, Usage, is_claude
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,17 @@ def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def provider_of(doc: Mapping[str, Any], record: RunRecord) -> str:
+    """Whose price table: the provider the run was settled against (its provenance); for a
+    file settled before providers were recorded, Anthropic's for a Claude model."""
+    block = doc.get(BLOCK)
+    provenance = block.get("provenance") if isinstance(block, dict) else None
+    named = provenance.get("provider") if isinstance(provenance, dict) else None
+    if named in PROVIDERS:
+        return str(named)
+    return ANTHROPIC if is_claude(record.model) else OPENAI
+
+
 def usage_by_model(
     doc: Mapping[str, Any], record: RunRecord, assume_model: str | None = None
 ) -> tuple[dict[str, Usage], str]:
@@ -99,7 +110,7 @@ def plan(doc: Mapping[str, Any], record: RunRecord, assume_model: str | None = N
     old = _old_cost(doc)
     if not models:
         return Repriced(record.path, record.framework, record.run_id, old, None, basis, basis)
-    cost = price_models(models, record.start)
+    cost = price_models(models, record.start, provider_id=provider_of(doc, record))
     note = "" if cost.complete else "; ".join(u.reason for u in cost.unpriced.values())
     return Repriced(record.path, record.framework, record.run_id, old, cost, basis, note)
 

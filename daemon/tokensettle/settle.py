@@ -24,7 +24,7 @@ from tokensettle.stability import (
     fingerprint,
     owners_fingerprint,
 )
-from tokensettle.usage import Usage
+from tokensettle.usage import OPENAI, Usage
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,13 @@ def settle(
     grace: int,
     provenance: dict[str, Any],
     local_tolerance: float = DEFAULT_TOLERANCE,
+    provider: str = OPENAI,
 ) -> Settled:
     """Decide the run's status from this attempt and build the patch for its file.
 
-    A run that settles is also priced at its own start time, its tokens broken down by
-    cache and modality, and its framework's own counts (if any) compared with ours."""
+    A run that settles is also priced at its own start time in its provider's price table,
+    its tokens broken down by cache and modality, and its framework's own counts (if any)
+    compared with ours."""
     share = seen.share
     if share is None:
         error = seen.error or "no data"
@@ -126,7 +128,7 @@ def settle(
         "timestamp": iso(now),
         "total_tokens_in": totals.tokens_in,
         "total_tokens_out": totals.tokens_out,
-        "total_api_calls": totals.api_calls,
+        "total_api_calls": totals.api_calls if usage.requests_counted else None,
         "total_cached_tokens": totals.cached,
         "query_window": query_window(record, grace),
         "fingerprint": fp,
@@ -161,7 +163,7 @@ def settle(
     findings: list[tuple[str, str]] = []
     local_verdict: str | None = None
     if verdict.writes_tokens:
-        cost = price_models(share.models, record.start, total=usage)
+        cost = price_models(share.models, record.start, total=usage, provider_id=provider)
         breakdown = breakdown_of_share(share, configured_model=record.model)
         comparison = compare(
             record.local,

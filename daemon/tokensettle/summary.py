@@ -25,6 +25,7 @@ from typing import Any, Literal
 from tokensettle.runfile import BLOCK, RunFileError, RunRecord, load_document, parse_run
 from tokensettle.stability import Status, parse_status
 from tokensettle.states import shown_state
+from tokensettle.usage import counts_requests
 
 SETTLED = ("verified", "ambiguous")
 UNREADABLE = ("error", "skipped")
@@ -287,9 +288,13 @@ def summary_from_document(
         tokens_out = _first(
             block.get("total_tokens_out"), attempt.get("total_tokens_out"), agg.get("TOK_OUT")
         )
-        calls = _first(
-            block.get("total_api_calls"), attempt.get("total_api_calls"), agg.get("API_CALLS")
-        )
+        provider = _mapping(block.get("provenance")).get("provider")
+        # A provider that counts no requests (Anthropic): the file's API_CALLS is the
+        # framework's, not the provider's, and no count is shown rather than a 0.
+        if not isinstance(provider, str) or counts_requests(provider):
+            calls = _first(
+                block.get("total_api_calls"), attempt.get("total_api_calls"), agg.get("API_CALLS")
+            )
         cached = _first(
             breakdown_input.get("cached"),
             block.get("total_cached_tokens"),

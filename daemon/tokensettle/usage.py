@@ -74,6 +74,14 @@ ALL_OPTIONAL_FIELDS: tuple[str, ...] = OPENAI_OPTIONAL_FIELDS + ANTHROPIC_OPTION
 #: The providers whose usage reports tokensettle reads (a scope's `provider`).
 OPENAI: Final = "openai"
 ANTHROPIC: Final = "anthropic"
+PROVIDERS: Final = (OPENAI, ANTHROPIC)
+
+
+def is_claude(model: str | None) -> bool:
+    """A model name that can only be Anthropic's."""
+    return model is not None and "claude" in model.lower()
+
+
 #: The optional fields each provider's usage data can carry: what a breakdown lists as
 #: "not carried" when absent (a field a provider never reports is not news).
 PROVIDER_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tokensettle.atomic import publish
-from tokensettle.usage import Scope
+from tokensettle.usage import PROVIDERS, Scope
 
 __all__ = [
     "ANTHROPIC_KEY_ID_PATTERN",
@@ -68,7 +68,6 @@ METRICS_FIELD: Final = "usage_scope"
 MAX_SCOPE_BYTES: Final = 64 * 1024
 DEFAULT_PROVIDER: Final = "openai"
 #: Providers a declaration may name.
-PROVIDERS: Final = ("openai", "anthropic")
 KEY_ID_PATTERN: Final = re.compile(r"^key_[A-Za-z0-9_-]+$")
 PROJECT_ID_PATTERN: Final = re.compile(r"^proj_[A-Za-z0-9_-]+$")
 ANTHROPIC_KEY_ID_PATTERN: Final = re.compile(r"^apikey_[A-Za-z0-9_-]+$")

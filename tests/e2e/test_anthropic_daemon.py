@@ -5,8 +5,12 @@ serves both on one port and counts each provider's requests apart)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import operator
 import sys
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -14,6 +18,8 @@ import pytest
 from tests.e2e.conftest import SLOT, World
 from tests.support.daemon import EXE, write_in_new_dirs
 from tests.support.runs import write_run
+from tokensettle.pricing import price_models
+from tokensettle.usage import usage_from_anthropic
 
 pytestmark = pytest.mark.e2e
 
@@ -99,6 +105,14 @@ async def test_openai_and_anthropic_runs_in_the_same_minutes_settle_exactly(worl
         ]
         == "openai"
     )
+
+    # Priced in Anthropic's table, both cache-write prices and cache reads included.
+    cost = block["cost"]
+    assert cost["complete"] is True and cost["source"]["provider"] == "anthropic", cost
+    usage = functools.reduce(operator.add, (usage_from_anthropic(r["usage"]) for r in claude))
+    at = datetime.fromisoformat(doc["start_timestamp"])
+    expected = price_models({MODEL: usage}, at, provider_id="anthropic")
+    assert Decimal(cost["total_usd_exact"]) == expected.total_usd > 0
 
     routed_doc = json.loads(routed_path.read_bytes())
     assert routed_doc["aggregate_metrics"]["TOK_IN"] == 100

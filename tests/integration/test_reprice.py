@@ -70,3 +70,26 @@ def test_model_option_prices_runs_that_record_none(fixtures_dir: Path, tmp_path:
         + Decimal(73872) * Decimal("0.60")
     ) / Decimal(10**6)
     assert results["4df331a3"].new_usd == expected
+
+
+def test_a_claude_run_is_priced_in_anthropics_table(tmp_path: Path) -> None:
+    """A run settled against Anthropic (its provenance says so) is repriced there, not
+    looked up among OpenAI's models and left unpriced."""
+    path = tmp_path / "claudebench" / "c-1" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    doc = {
+        "run_id": "c-1",
+        "model": "claude-haiku-4-5-20251001",
+        "start_timestamp": "2026-11-30T10:00:00Z",
+        "end_timestamp": "2026-11-30T10:05:00Z",
+        "aggregate_metrics": {"TOK_IN": 3_200, "TOK_OUT": 500, "API_CALLS": 0, "COST_USD": 0.0},
+        "usage_api_reconciliation": {
+            "verification_status": "verified",
+            "provenance": {"provider": "anthropic"},
+        },
+    }
+    path.write_text(json.dumps(doc, indent=2))
+    (result,) = reprice_runs(scan_all([tmp_path]), 60, dry_run=True)
+    assert result.new is not None and result.new.complete, result.note
+    assert result.new_usd is not None and result.new_usd > 0
+    assert result.new.provider == "anthropic"

@@ -35,6 +35,7 @@ from tokensettle.report import (
     summary_from_document,
     summary_of_file,
 )
+from tokensettle.runfile import BLOCK
 from tokensettle.usage import Usage
 
 END = datetime(2025, 10, 19, 10, 41, 18, tzinfo=UTC)
@@ -188,6 +189,25 @@ def test_summary_reads_our_block_with_cost_breakdown_and_verdict() -> None:
     assert summary.models == (snapshot,)
     assert summary.cached_tokens == 9_728
     assert summary.time_to_verify == timedelta(minutes=42)
+
+
+def test_a_claude_run_has_no_api_call_count_rather_than_the_files_zero() -> None:
+    """Anthropic counts no requests: the file's API_CALLS (the framework's 0) is not shown
+    as the provider's count, so statistics leave the run out of API calls."""
+    block = {
+        "verification_status": "verified",
+        "total_tokens_in": 3_200,
+        "total_tokens_out": 500,
+        "total_api_calls": None,
+        "provenance": {"provider": "anthropic"},
+    }
+    doc = {"aggregate_metrics": {"TOK_IN": 3_200, "API_CALLS": 0}, BLOCK: block}
+    summary = summary_from_document(doc, "claudebench", run_id="c-1")
+    assert summary.tokens_in == 3_200 and summary.api_calls is None
+    openai = summary_from_document(
+        {BLOCK: {**block, "total_api_calls": 4, "provenance": {"provider": "openai"}}}, "baes"
+    )
+    assert openai.api_calls == 4
 
 
 def test_incomplete_cost_is_read_as_such() -> None:
