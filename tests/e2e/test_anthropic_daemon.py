@@ -245,3 +245,42 @@ async def test_parallel_claude_runs_on_pool_keys_settle_exactly_and_return_their
     for path in world.root.rglob("*"):
         if path.is_file():
             assert not any(v.encode() in path.read_bytes() for v in POOL.values()), path
+
+
+async def test_a_refused_anthropic_key_pauses_claude_runs_only_and_shows(world: World) -> None:
+    """The Anthropic key is refused: Claude runs wait (not `error`, nothing written),
+    /healthz names the fault for anthropic, and OpenAI runs settle meanwhile;
+    `reconcile` of the Claude framework exits 3."""
+    refused = "sk-ant-api03-not-an-admin-key-E2E"
+    async with world.session.post(
+        f"{world.sim.root_url}/_sim/keys", json={"anthropic_unscoped_keys": [refused]}
+    ) as resp:
+        assert resp.status == 200
+    openai_run = world.run("baes", "gpt-beside", 0, (2100, 300, 2))
+    await world.register(openai_run)
+    start = world.base + SLOT
+    await world.control.add([claude_request(start + 10, CLAUDE_KEY, 400, 0, 0, 0, 90)])
+    env = {**anthropic_env(world), "TOKENSETTLE_ANTHROPIC_ADMIN_KEY": refused}
+    daemon = await world.start(**env)
+    claude_path = write_run(world.root, "claude", "claude-refused", [(start, start + 60.0)])
+    before = claude_path.read_bytes()
+    write_in_new_dirs(world.path(openai_run), openai_run.data)
+
+    failed = await daemon.wait_event("daemon.auth_failed", WAIT, provider="anthropic")
+    assert refused not in json.dumps(failed)
+    settled = await daemon.wait_event("run.settled", WAIT, run_id="gpt-beside")
+    assert settled["status"] == "verified"
+    status, body = await world.healthz(daemon)
+    # A refused key needs a human: failing (503), as for OpenAI's, naming the provider.
+    assert status == 503 and body["status"] == "failing", body
+    assert any("anthropic" in json.dumps(p).lower() for p in body["problems"]), body
+    assert claude_path.read_bytes() == before  # nothing written for the paused run
+    assert not daemon.find("run.settled", run_id="claude-refused")
+
+    proc = await asyncio.create_subprocess_exec(
+        EXE, "reconcile", "claude", env=world.env(**env), cwd=world.tmp,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3, (out.decode(), err.decode()[-800:])
+    assert refused.encode() not in out + err
