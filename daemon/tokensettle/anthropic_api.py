@@ -36,6 +36,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from tokensettle import usage_api
 from tokensettle.usage import UsageRow, UsageRowError, implausibility, usage_from_anthropic
 from tokensettle.usage_api import (
     DEFAULT_MAX_PAGE_BYTES,
@@ -138,18 +139,9 @@ def build_query(
 
 
 def query_params(pairs: Sequence[tuple[str, str]]) -> dict[str, str | list[str]]:
-    """The pairs as a mapping for a run's provenance: arrays as lists under their names
-    without the brackets (`group_by`, `api_key_ids`, `workspace_ids`), scalars as strings."""
-    out: dict[str, str | list[str]] = {}
-    for key, value in pairs:
-        name = key.removesuffix("[]")
-        if name in ARRAY_PARAMS:
-            existing = out.setdefault(name, [])
-            assert isinstance(existing, list)
-            existing.append(value)
-        else:
-            out[name] = value
-    return out
+    """The pairs as a mapping for a run's provenance (`group_by`, `api_key_ids`,
+    `workspace_ids` as lists without their brackets)."""
+    return usage_api.query_params(pairs, ARRAY_PARAMS)
 
 
 def _malformed(message: str) -> MalformedResponseError:

@@ -288,16 +288,20 @@ def build_query(
 _ARRAY_KEYS: Final = frozenset({"group_by", "api_key_ids", "project_ids"})
 
 
-def query_params(pairs: Sequence[tuple[str, str]]) -> dict[str, str | list[str]]:
-    """The pairs as a mapping: array parameters as lists, scalars as strings."""
+def query_params(
+    pairs: Sequence[tuple[str, str]], arrays: frozenset[str] = _ARRAY_KEYS
+) -> dict[str, str | list[str]]:
+    """The pairs as a mapping for a run's provenance: the `arrays` parameters as lists
+    under their names (without the brackets Anthropic's queries send), scalars as strings."""
     out: dict[str, str | list[str]] = {}
     for key, value in pairs:
-        if key in _ARRAY_KEYS:
-            existing = out.setdefault(key, [])
+        name = key.removesuffix("[]")
+        if name in arrays:
+            existing = out.setdefault(name, [])
             assert isinstance(existing, list)
             existing.append(value)
         else:
-            out[key] = value
+            out[name] = value
     return out
 
 
