@@ -99,7 +99,9 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 #: Variables tokensettle sets for the commands it starts. They are not settings, but a
 #: `tokensettle` run by such a command inherits them and must not refuse them as typos.
-EXPORTED_ENV = frozenset({f"{ENV_PREFIX}RUN_DIR", f"{ENV_PREFIX}LEASE_KEY_ID"})
+EXPORTED_ENV = frozenset(
+    {f"{ENV_PREFIX}RUN_DIR", f"{ENV_PREFIX}LEASE_KEY_ID", f"{ENV_PREFIX}USAGE_SCOPE"}
+)
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]

@@ -18,6 +18,7 @@ from tokensettle.admin_api import (
     parse_service_account,
     redacted_matches,
 )
+from tokensettle.config import load_settings
 from tokensettle.lease_cli import (
     child_environment,
     framework_variable,
@@ -276,6 +277,17 @@ def test_the_childs_environment() -> None:
     with_dir = lease_variables(key, decl, framework=None, run_dir=Path("/r"))
     assert with_dir["TOKENSETTLE_RUN_DIR"] == "/r" and "OPENAI_API_KEY_CHATDEV" not in with_dir
     assert framework_variable("chatdev") == "OPENAI_API_KEY_CHATDEV"
+
+
+def test_a_tokensettle_command_inside_a_lease_accepts_what_the_lease_set() -> None:
+    """Every TOKENSETTLE_* variable `lease exec` gives its command is accepted by the
+    settings (a `tokensettle list` run by the experiment must not exit 2 on them)."""
+    key = LeasedKey("key_abc", "n", 1, 2, SECRET)
+    decl = Declaration.for_lease("key_abc", "proj_leases", T0, T0 + timedelta(hours=1))
+    added = lease_variables(key, decl, framework="baes", run_dir=Path("/r"))
+    ours = {k: v for k, v in added.items() if k.startswith("TOKENSETTLE_")}
+    assert len(ours) >= 3
+    load_settings(environ=ours)
 
 
 # ---------------------------------------------------------------------------- admin parsing
