@@ -520,7 +520,16 @@ def _raise_file_limit() -> None:
 
 
 def run_daemon(overrides: Mapping[str, Any], config_file: Path | None) -> int:
-    settings = load_settings(overrides, config_file=config_file)
+    try:
+        settings = load_settings(overrides, config_file=config_file)
+    except ConfigError as exc:
+        # The same two lines as a mistake the daemon finds itself, in the format asked
+        # for if that much can be read.
+        fmt = os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "auto").strip().lower()
+        configure(fmt=fmt if fmt in ("json", "console") else "auto", stream=sys.stdout)
+        log.error("daemon.config_error", error=str(exc))
+        log.info("daemon.stopped", exit_code=EXIT_CONFIG)
+        return EXIT_CONFIG
     configure(
         level=settings.log_level,
         fmt=settings.log_format,

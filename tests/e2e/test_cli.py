@@ -200,9 +200,19 @@ async def test_configuration_mistakes_exit_2_with_one_line_naming_them(
     results = await run_all(cli, [(args, env) for args, env, _ in cases])
     for (args, env, words), result in zip(cases, results, strict=True):
         assert result.code == 2, (args, env, result)
-        line = the_line(result)
+        line = daemon_config_error(result) if args == ("run",) else the_line(result)
         assert all(w in line for w in words), (args, line)
         assert "hunter2pw" not in result.out + result.err
+
+
+def daemon_config_error(result: Result) -> str:
+    """The daemon logs to stdout, whoever found the mistake (the settings or the daemon's
+    own checks): one `daemon.config_error` line, then `daemon.stopped` with the code."""
+    assert "Traceback" not in result.out + result.err and result.err == "", result.err
+    error, stopped = (json.loads(line) for line in result.out.splitlines())
+    assert error["event"] == "daemon.config_error" and error["level"] == "error", error
+    assert stopped["event"] == "daemon.stopped" and stopped["exit_code"] == result.code
+    return str(error["error"])
 
 
 async def test_paths_that_cannot_be_used_exit_2_with_one_line_naming_them(
