@@ -57,6 +57,7 @@ SHARED_KEY_VALUE = "sk-proj-bench-shared-0001"
 #: stdout what the calls were given.
 EXPERIMENT = r"""
 import json, os, sys, time, urllib.request
+began = time.time()
 index, calls, gap = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 run_dir = os.environ["TOKENSETTLE_RUN_DIR"]
 steps, used = [], {"tokens_in": 0, "tokens_out": 0, "calls": 0}
@@ -81,7 +82,7 @@ tmp = os.path.join(run_dir, "metrics.json.tmp")
 with open(tmp, "w") as f:
     json.dump(doc, f)
 os.replace(tmp, os.path.join(run_dir, "metrics.json"))
-used["ended_at"] = steps[-1]["end_timestamp"]
+used["began_at"], used["ended_at"] = began, steps[-1]["end_timestamp"]
 print(json.dumps(used), flush=True)
 """
 
@@ -250,6 +251,7 @@ class Bench:
                 "OPENAI_API_KEY": SHARED_KEY_VALUE,
                 "TOKENSETTLE_RUN_DIR": str(run_dir),
             }
+        spawned = time.time()
         proc = await asyncio.create_subprocess_exec(
             *argv,
             env=env,
@@ -260,7 +262,9 @@ class Bench:
         self.procs.append(proc)
         out, err = await proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"experiment {run_dir.name} exited {proc.returncode}: {err[-800:]!r}")
+            raise RuntimeError(
+                f"experiment {run_dir.name} exited {proc.returncode}: {err[-800:]!r}"
+            )
         used: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         if framework == LEASED:
             declared = json.loads((run_dir / "usage_scope.json").read_text())
@@ -268,6 +272,7 @@ class Bench:
         else:
             used["key_id"] = SHARED_KEY_ID
         used["run_id"] = run_dir.name
+        used["spawn_to_start"] = used["began_at"] - spawned
         used["path"] = run_dir / "metrics.json"
         return used
 
@@ -335,6 +340,8 @@ class Bench:
         key_truth = [sum(truth[k][j] for k in keys) for j in range(3)]
         return {
             "runs": len(runs),
+            # process start to the experiment's first line: `lease exec` minting the key
+            "seconds_spawn_to_experiment_start": spread([r["spawn_to_start"] for r in runs]),
             "statuses": dict(sorted(statuses.items())),
             "verified": statuses["verified"],
             "verified_exact": exact,
@@ -406,7 +413,7 @@ class Bench:
 
     def metric(self, name: str) -> float | None:
         url = f"http://{self.env['TOKENSETTLE_HTTP_ADDR']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as resp:
             for line in resp.read().decode().splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])
