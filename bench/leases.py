@@ -177,9 +177,9 @@ class Bench:
         }
         scenario_file = self.work / "scenario.json"
         scenario_file.write_text(json.dumps(scenario))
-        argv = [BIN / "tokensettle", "simulate", "--port", str(self.port)]
+        argv = [str(BIN / "tokensettle"), "simulate", "--port", str(self.port)]
         sim = subprocess.Popen(
-            [*argv, "--scenario", scenario_file],
+            [*argv, "--scenario", str(scenario_file)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
