@@ -10,7 +10,8 @@ print what the calls were given. Phase `shared`: once every leased run is settle
 key deleted, the same N experiments run at once without leases, all on the framework's
 one project key (framework `shared`): minute buckets cannot tell them apart, so they come
 out `ambiguous`. Timings are compressed: usage shows in the Usage API 2 s after a call
-(the real API: 5-60 min), MIN_AGE 2s, STABILITY_INTERVAL 2s, TICK 1s.
+(the real API: 5-60 min), MIN_AGE 2s, STABILITY_INTERVAL 2s, TICK 1s (`--quick`, for
+the smoke test: 1 s, 1s, 1s).
 
 Counted by the simulator, never by tokensettle: the truth per key (`/_sim/truth`), Usage
 API requests (`/_sim/stats`, and the `api_key_ids` each one filters on, from `/_sim/log`),
@@ -22,7 +23,7 @@ requests grow with poll rounds, not with keys (one request per round, all due ke
 `api_key_ids` filter); 2 Admin API requests per run (create, delete) besides the one-off
 set-up of the lease project; a key deleted within a tick or two of its run's verification.
 
-    .venv/bin/python bench/leases.py [--runs 50] [--calls 4] [--gap 1.0]
+    .venv/bin/python bench/leases.py [--runs 50] [--calls 4] [--gap 1.0] [--quick]
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +96,8 @@ TIMINGS = {
     "TOKENSETTLE_RATE_LIMIT_PER_MIN": "6000",
     "TOKENSETTLE_BILL_CHECK_INTERVAL": "0s",
 }
+#: `--quick` (the smoke test): usage visible 1 s after a call, and these.
+QUICK = {"TOKENSETTLE_MIN_AGE": "1s", "TOKENSETTLE_STABILITY_INTERVAL": "1s"}
 #: How long a phase's runs may take to settle (and their keys to go) after the last ends.
 SETTLE_WITHIN = 180.0
 
@@ -140,8 +142,10 @@ def filtered(entry: dict[str, Any], name: str) -> int:
 
 
 class Bench:
-    def __init__(self, work: Path, runs: int, calls: int, gap: float) -> None:
+    def __init__(self, work: Path, runs: int, calls: int, gap: float, quick: bool) -> None:
         self.work, self.n, self.calls, self.gap = work, runs, calls, gap
+        self.usage_delay = 1 if quick else 2
+        timings = {**TIMINGS, **(QUICK if quick else {})}
         self.root = work / "runs"
         self.port = free_port()
         self.sim_url = f"http://127.0.0.1:{self.port}"
@@ -157,32 +161,34 @@ class Bench:
             "TOKENSETTLE_LEASE_PROJECT": PROJECT,
             f"OPENAI_API_KEY_{SHARED.upper()}_ID": SHARED_KEY_ID,
             "BENCH_MODEL_URL": f"{self.sim_url}/v1",
-            **TIMINGS,
+            **timings,
         }
         self.events: list[dict[str, Any]] = []
         self.not_json: list[str] = []
         self.daemon: asyncio.subprocess.Process | None = None
-        self.procs: list[subprocess.Popen[bytes] | asyncio.subprocess.Process] = []
+        self.procs: list[asyncio.subprocess.Process] = []
 
     # ------------------------------------------------------------------ processes
 
-    def start_simulator(self) -> None:
+    async def start_simulator(self) -> None:
         shared = {"id": SHARED_KEY_ID, "value": SHARED_KEY_VALUE, "project_id": PROJECT}
         scenario = {
             "admin": {
                 "projects": [{"id": PROJECT, "name": "Leases"}],
                 "api_keys": [shared],
-                "usage_delay": 2,
+                "usage_delay": self.usage_delay,
             }
         }
         scenario_file = self.work / "scenario.json"
         scenario_file.write_text(json.dumps(scenario))
         argv = [str(BIN / "tokensettle"), "simulate", "--port", str(self.port)]
-        sim = subprocess.Popen(
-            [*argv, "--scenario", str(scenario_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        sim = await asyncio.create_subprocess_exec(
+            *argv,
+            "--scenario",
+            str(scenario_file),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
             env=self.base_env,
         )
         self.procs.append(sim)
@@ -192,9 +198,9 @@ class Bench:
                 get(f"{self.sim_url}/_sim/stats")
                 return
             except OSError:
-                if time.monotonic() > deadline or sim.poll() is not None:
+                if time.monotonic() > deadline or sim.returncode is not None:
                     raise RuntimeError("tokensettle simulate did not answer within 30 s") from None
-                time.sleep(0.05)
+                await asyncio.sleep(0.05)
 
     async def start_daemon(self) -> None:
         self.root.mkdir()
@@ -222,8 +228,13 @@ class Bench:
                 continue
             self.events.append(event)
 
-    def count(self, name: str, where: Callable[[dict[str, Any]], bool] = lambda e: True) -> int:
-        return sum(1 for e in self.events if e.get("event") == name and where(e))
+    def count(self, name: str) -> int:
+        return sum(1 for e in self.events if e.get("event") == name)
+
+    def seen(self, name: str, field: str, among: set[str]) -> bool:
+        """Whether an event `name` came for every value of `field` in `among`."""
+        found = {e.get(field) for e in self.events if e.get("event") == name}
+        return among <= found
 
     async def wait(self, done: Callable[[], bool], within: float, what: str) -> None:
         deadline = time.monotonic() + within
@@ -291,15 +302,12 @@ class Bench:
         started = time.monotonic()
         runs = await asyncio.gather(*(self.experiment(framework, i) for i in range(self.n)))
         experiments_s = time.monotonic() - started
-        ids = {r["run_id"] for r in runs}
-        mine: Callable[[dict[str, Any]], bool] = lambda e: e.get("run_id") in ids  # noqa: E731
-        await self.wait(lambda: self.count("run.settled", mine) >= self.n, SETTLE_WITHIN, "runs")
+        ids, keys = {r["run_id"] for r in runs}, {r["key_id"] for r in runs}
+        settled = lambda: self.seen("run.settled", "run_id", ids)  # noqa: E731
+        await self.wait(settled, SETTLE_WITHIN, f"{framework} runs settled")
         if framework == LEASED:
-            keys = {r["key_id"] for r in runs}
-            gone: Callable[[dict[str, Any]], bool] = lambda e: e.get("key_id") in keys  # noqa: E731
-            await self.wait(
-                lambda: self.count("lease.revoked", gone) >= len(keys), SETTLE_WITHIN, "revokes"
-            )
+            revoked = lambda: self.seen("lease.revoked", "key_id", keys)  # noqa: E731
+            await self.wait(revoked, SETTLE_WITHIN, "leased keys revoked")
         done_s = time.monotonic() - started
         after = self.marks()
         usage_log = get(f"{self.sim_url}/_sim/log")[before["usage"] : after["usage"]]
@@ -420,8 +428,8 @@ class Bench:
         return None
 
     async def play(self) -> dict[str, Any]:
-        self.start_simulator()
-        await self.start_daemon()
+        # The daemon needs the simulator only from its first poll on: start both at once.
+        await asyncio.gather(self.start_simulator(), self.start_daemon())
         leased = await self.phase(LEASED)
         shared = await self.phase(SHARED)
         return {"leased": leased, "shared_key_no_leases": shared, "non_json_lines": self.not_json}
@@ -430,15 +438,12 @@ class Bench:
         for proc in reversed(self.procs):
             if proc.returncode is None:
                 proc.terminate()
-                if isinstance(proc, subprocess.Popen):
-                    proc.wait(timeout=30)
-                else:
-                    await asyncio.wait_for(proc.wait(), 30)
+                await asyncio.wait_for(proc.wait(), 30)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tokensettle-leases-"))
-    bench = Bench(work, args.runs, args.calls, args.gap)
+    bench = Bench(work, args.runs, args.calls, args.gap, args.quick)
     try:
         return await bench.play()
     finally:
@@ -464,6 +469,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=50, help="parallel runs per phase (50)")
     parser.add_argument("--calls", type=int, default=4, help="model calls per run (4)")
     parser.add_argument("--gap", type=float, default=1.0, help="seconds after each call (1.0)")
+    parser.add_argument(
+        "--quick", action="store_true", help="usage delay, MIN_AGE, STABILITY_INTERVAL 1 s (smoke)"
+    )
     args = parser.parse_args()
     if args.runs < 1 or args.calls < 1 or args.gap < 0:
         parser.error("--runs and --calls must be at least 1, --gap not negative")
@@ -478,7 +486,7 @@ def main() -> int:
         json.dumps(
             {
                 "command": f"python bench/leases.py --runs {args.runs} --calls {args.calls} "
-                f"--gap {args.gap:g}",
+                f"--gap {args.gap:g}" + (" --quick" if args.quick else ""),
                 "machine": machine(),
                 "load_average_at_start": load,
                 "load_average_at_end": load_average(),

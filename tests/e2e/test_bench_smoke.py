@@ -59,7 +59,7 @@ def test_burst_at_toy_size() -> None:
 
 
 def test_parallel_leases_at_toy_size() -> None:
-    summary = run_bench("leases.py", "--runs 3 --calls 1 --gap 0.2")
+    summary = run_bench("leases.py", "--runs 3 --calls 1 --gap 0.2 --quick")
     assert summary["failures"] == [], summary["failures"]
     leased, shared = summary["result"]["leased"], summary["result"]["shared_key_no_leases"]
     shown = json.dumps(summary["result"])[-3000:]
