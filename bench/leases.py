@@ -429,10 +429,17 @@ class Bench:
 
     async def play(self) -> dict[str, Any]:
         # The daemon needs the simulator only from its first poll on: start both at once.
+        started = time.monotonic()
         await asyncio.gather(self.start_simulator(), self.start_daemon())
+        ready_s = time.monotonic() - started
         leased = await self.phase(LEASED)
         shared = await self.phase(SHARED)
-        return {"leased": leased, "shared_key_no_leases": shared, "non_json_lines": self.not_json}
+        return {
+            "leased": leased,
+            "shared_key_no_leases": shared,
+            "wall_s_to_daemon_ready": round(ready_s, 1),
+            "non_json_lines": self.not_json,
+        }
 
     async def close(self) -> None:
         for proc in reversed(self.procs):
