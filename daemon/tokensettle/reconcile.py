@@ -334,16 +334,19 @@ def describe(
 
 
 def filters_for(scopes: Iterable[Scope]) -> Filters:
-    """The server-side filter for a batch: the union of the scopes where one filter can
-    express it. Rows are always matched to scopes locally as well."""
+    """The server-side filter for a batch: on each dimension (keys, projects) that every
+    scope sets, the union of their ids. The server ANDs the two, and every scope is within
+    both unions, so no row a scope owns is left out; rows are matched to scopes locally
+    as well. A batch of leases (key and project each) is filtered by all its keys."""
     scopes = list(scopes)
-    if not scopes or any(s.is_organisation for s in scopes):
+    if not scopes:
         return Filters()
-    if all(s.api_key_ids and not s.project_ids for s in scopes):
-        return Filters(api_key_ids=frozenset().union(*(s.api_key_ids for s in scopes)))
-    if all(s.project_ids and not s.api_key_ids for s in scopes):
-        return Filters(project_ids=frozenset().union(*(s.project_ids for s in scopes)))
-    return Filters()
+    keys = frozenset().union(*(s.api_key_ids for s in scopes))
+    projects = frozenset().union(*(s.project_ids for s in scopes))
+    return Filters(
+        api_key_ids=keys if all(s.api_key_ids for s in scopes) else frozenset(),
+        project_ids=projects if all(s.project_ids for s in scopes) else frozenset(),
+    )
 
 
 # ------------------------------------------------------------------- one attempt

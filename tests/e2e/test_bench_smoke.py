@@ -1,4 +1,5 @@
-"""The torture benchmarks at toy sizes: they still run, and what they check still holds.
+"""The torture benchmarks and the parallel-leases one at toy sizes: they still run, and
+what they check still holds.
 
 The figures belong to bench/README.md; here only the invariants each script checks are
 asserted (every run verified with exactly its truth, no failed start, no broken file).
@@ -55,3 +56,22 @@ def test_burst_at_toy_size() -> None:
     assert result["usage_api_requests_until_all_verified"] >= 2  # a poll and its confirmation
     assert result["healthz"]["samples"] > 0
     assert result["non_json_lines"] == 0, result["non_json_examples"]
+
+
+def test_parallel_leases_at_toy_size() -> None:
+    summary = run_bench("leases.py", "--runs 3 --calls 1 --gap 0.2 --quick")
+    assert summary["failures"] == [], summary["failures"]
+    leased, shared = summary["result"]["leased"], summary["result"]["shared_key_no_leases"]
+    shown = json.dumps(summary["result"])[-3000:]
+    assert leased["verified_exact"] == 3, shown
+    assert (leased["distinct_keys"], leased["keys_left_undeleted"]) == (3, 0), shown
+    assert leased["admin_key_requests_per_run"] == 2.0, leased["admin_requests"]  # create, delete
+    assert leased["usage_requests_per_round"] == 1.0, shown  # one request per round, not per key
+    assert leased["usage_request_filters"]["unfiltered_requests"] == 0, shown
+    assert leased["seconds_verified_to_key_deleted"]["n"] == 3, shown
+    # One key for three runs at once: every run shares a minute with another (3 runs, at
+    # most 2 minutes), so at least two are estimates; their sum is still the key's truth.
+    assert sum(shared["statuses"].values()) == 3, shown
+    assert shared["statuses"].get("ambiguous", 0) >= 2, shown
+    assert shared["written_totals_equal_key_truth"], shown
+    assert summary["result"]["non_json_lines"] == [], shown

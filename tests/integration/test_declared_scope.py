@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import aiohttp
 
 from tests.integration.conftest import Stage
-from tests.support.runs import KEYS, virtual_request, write_run
+from tests.support.runs import KEYS, PROJECT, virtual_request, write_run
 from tokensettle.admin_api import client_for
 from tokensettle.leasekeeper import LeaseKeeper, leased_runs
 from tokensettle.leases import LeaseStore, ensure_service_account, mint_lease
@@ -57,6 +58,33 @@ async def test_a_declared_key_is_the_runs_exactly_beside_same_minute_neighbours(
     assert provenance["query"]["api_key_ids"] == [LEASED]
     neighbour = _block(other)
     assert (neighbour["total_tokens_in"], neighbour["total_tokens_out"]) == (900, 90)
+
+
+async def test_leased_runs_due_together_are_fetched_by_their_keys_alone(stage: Stage) -> None:
+    # A lease declares its key and its project; a batch of them names both keys (and the
+    # project) in one request instead of fetching every key of the organisation.
+    end = stage.end
+    second = "key_leasedRUN00002"
+    paths = []
+    for name, key in (("lease-a", LEASED), ("lease-b", second)):
+        paths.append(write_run(stage.root, "chatdev", name, [(end - 120, end)]))
+        write_declaration(paths[-1].parent, Declaration(api_key_ids=(key,), project_ids=(PROJECT,)))
+    await stage.control.add(
+        [
+            _leased_request(end - 60, 7000, 700, 4),
+            {**virtual_request(end - 60, "chatdev", 300, 30, 1), "api_key_id": second},
+            virtual_request(end - 60, "chatdev", 900, 90, 1),  # the framework key's, unasked
+        ]
+    )
+    assert await stage.settle(stage.reconciler()) == ["verified", "verified"]
+    assert [_block(p)["total_tokens_in"] for p in paths] == [7000, 300]
+    async with stage.session.get(f"{stage.sim.root_url}/_sim/log") as resp:
+        log = await resp.json()
+    assert len(log) == 2  # a poll and its confirmation, each one request for both runs
+    for entry in log:
+        query = parse_qs(entry["query"])
+        assert sorted(query["api_key_ids"]) == [LEASED, second], query
+        assert query["project_ids"] == [PROJECT], query
 
 
 async def test_a_declaration_inside_metrics_json_works_the_same(stage: Stage) -> None:
