@@ -364,9 +364,10 @@ class Index:
 
     def by_framework(self) -> dict[str, dict[str, Any]]:
         """Settled runs per framework: count, tokens and cost (for /runs). `cost_usd` sums
-        the complete costs only; `unpriced` counts the runs without one and
-        `unpriced_models` names the models that could not be priced: an unpriced run is
-        never counted as zero without saying so."""
+        the complete costs only (null when no settled run has one); `unpriced` counts the
+        runs without one, `unpriced_models` names the models that could not be priced and
+        `cost_complete` is false while any is: an unpriced run is never counted as zero
+        without saying so. Tokens of `ambiguous` runs (`runs.ambiguous`) are apportioned."""
 
         def work(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
             return db.execute(
@@ -376,6 +377,7 @@ class Index:
             ).fetchall()
 
         out: dict[str, dict[str, Any]] = {}
+        priced: dict[str, int] = {}
         fallback: list[tuple[Any, ...]] = []
         for fw, status, n, tin, tout, cost, unpriced, models in self._guard(work, fallback):
             entry = out.setdefault(
@@ -396,6 +398,11 @@ class Index:
                 entry["cost_usd"] = round(entry["cost_usd"] + (cost or 0.0), 9)
                 entry["unpriced"] += unpriced or 0
                 entry["unpriced_models"] = sorted(set(entry["unpriced_models"]) | _split(models))
+                priced[fw] = priced.get(fw, 0) + n - (unpriced or 0)
+        for fw, entry in out.items():
+            entry["cost_complete"] = entry["unpriced"] == 0
+            if not priced.get(fw):
+                entry["cost_usd"] = None
         return out
 
     def counts(self) -> dict[str, int]:

@@ -64,7 +64,22 @@ def test_by_framework_sums_settled_runs_and_counts_unpriced(tmp_path: Path) -> N
     assert summary["runs"] == {"verified": 2, "expired": 1}
     assert (summary["tokens_in"], summary["tokens_out"]) == (200, 20)  # settled runs only
     assert summary["cost_usd"] == 0.5
-    assert summary["unpriced"] == 1
+    assert summary["unpriced"] == 1 and summary["cost_complete"] is False
+    index.close()
+
+
+def test_a_framework_whose_every_run_is_unpriced_has_no_cost_rather_than_zero(
+    tmp_path: Path,
+) -> None:
+    index = Index(tmp_path / "index.sqlite3")
+    for name, fw, cost in (("a", "acme", None), ("b", "baes", 0.25)):
+        p = tmp_path / f"{name}.json"
+        p.write_text("{}")
+        index.put([Finished(FileKey.of(p), fw, name, 0, 1, "verified", 100, 10, cost)])
+    frameworks = index.by_framework()
+    assert frameworks["acme"]["cost_usd"] is None and frameworks["acme"]["unpriced"] == 1
+    assert frameworks["acme"]["cost_complete"] is False
+    assert frameworks["baes"]["cost_usd"] == 0.25 and frameworks["baes"]["cost_complete"]
     index.close()
 
 
