@@ -151,7 +151,7 @@ class Poller:
                 failures=fault.failures,
                 retry_at=iso(now + wait),
             )
-            self.registry.reschedule(path)
+            self.registry.reschedule(path, write_error=outcome.write_error)
             return
         if outcome.after is not None:
             if self.faults.clear("write", str(path)):

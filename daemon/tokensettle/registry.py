@@ -47,22 +47,29 @@ class Tracked:
     discovered: datetime = field(default_factory=lambda: datetime.now(UTC))
     digest: str = ""
     ref: RunRef | None = None  # what attribution needs of it, built once
+    #: why the last write of an attempt failed (the file is unchanged), while it backs off
+    write_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.ref is None and self.loaded.record is not None:
             self.ref = RunRef.of(self.loaded.record)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, point: float | None = None) -> dict[str, Any]:
+        """What /runs shows; `point`: the grid point it is polled at (holds included)."""
         record = self.loaded.record
+        message = (record.message if record else self.loaded.error) or ""
+        if self.write_error is not None:
+            message = f"write failed, file unchanged, retried later: {self.write_error}"
+        due = datetime.fromtimestamp(point, UTC) if point is not None else self.due
         return {
             "path": str(self.loaded.found.path),
             "framework": self.loaded.found.framework,
             "run_id": record.run_id if record else None,
             "status": self.state,
-            "message": (record.message if record else self.loaded.error) or "",
+            "message": message,
             "attempts": len(record.attempts) if record else 0,
             "run_end": iso(record.end) if record else None,
-            "next_poll_at": iso(self.due) if self.due else None,
+            "next_poll_at": iso(due) if due else None,
             "discovered_at": iso(self.discovered),
         }
 
@@ -350,11 +357,13 @@ class Registry:
         key = FileKey(str(path), snap.inode, snap.size, snap.mtime_ns)
         self.admit(key, loaded, trailing=True, quiet=True)
 
-    def reschedule(self, path: Path) -> None:
-        """Put a tracked run back on the grid from what its file says (and any hold)."""
+    def reschedule(self, path: Path, *, write_error: str | None = None) -> None:
+        """Put a tracked run back on the grid from what its file says (and any hold);
+        `write_error`: why this attempt could not be written (shown until a write works)."""
         tracked = self.tracked.get(path)
         if tracked is None or tracked.loaded.record is None:
             return
+        tracked.write_error = write_error
         record = tracked.loaded.record
         due = next_due(record.attempts, record.status, record.end, self._policy())
         self.grid.put(path, due.timestamp() if due else None, self.clock().timestamp())
@@ -439,7 +448,7 @@ class Registry:
 
     def runs_json(self, framework: str | None = None) -> dict[str, Any]:
         items = [
-            t.to_json()
+            t.to_json(self.grid.due_of(t.loaded.found.path))
             for t in sorted(self.tracked.values(), key=lambda t: str(t.loaded.found.path))
         ]
         frameworks = self.index.by_framework()

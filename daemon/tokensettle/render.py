@@ -58,6 +58,7 @@ def outcome_json(o: RunOutcome, now: datetime) -> dict[str, Any]:
         "next_due": iso(o.next_due) if o.next_due else None,
         "polled": o.polled,
         "written": o.written,
+        "write_error": o.write_error,
         "totals": o.totals.present() if o.totals is not None else None,
         "apportioned_fraction": round(o.apportioned_fraction, 6),
         "cost_usd": o.cost_usd,
@@ -78,6 +79,13 @@ def report_json(report: BatchReport, now: datetime) -> dict[str, Any]:
     }
 
 
+def _detail(o: RunOutcome) -> str:
+    """A failed write first: the status shown is what the attempt decided, not the file."""
+    if o.write_error is None:
+        return o.message
+    return f"write failed, file unchanged: {o.write_error}"
+
+
 def report_human(report: BatchReport, now: datetime) -> str:
     polled = [o for o in report.outcomes if o.polled]
     head = (
@@ -88,11 +96,14 @@ def report_human(report: BatchReport, now: datetime) -> str:
     shown = [o for o in report.outcomes if o.polled or o.state in ("error", "skipped", "expired")]
     if shown:
         rows = [
-            [o.framework, o.run_id or o.path.parent.name, o.state, _tokens(o), o.message]
+            [o.framework, o.run_id or o.path.parent.name, o.state, _tokens(o), _detail(o)]
             for o in sorted(shown, key=lambda o: (o.framework, o.run_id or ""))
         ]
         lines += ["", table(["FRAMEWORK", "RUN", "STATUS", "TOKENS", "DETAIL"], rows)]
     lines += ["", f"summary: {counts_line(report.outcomes)}"]
+    unwritten = sum(1 for o in report.outcomes if o.write_error is not None)
+    if unwritten:
+        lines.append(f"{unwritten} write(s) failed: those files are unchanged (exit 1)")
     if report.auth_error:
         lines.append(f"authentication failed, nothing was written: {report.auth_error}")
     return "\n".join(lines)

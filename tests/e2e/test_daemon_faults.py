@@ -65,6 +65,15 @@ async def test_an_unwritable_run_file_backs_off_shows_in_healthz_and_recovers(
             (problem,) = [p for p in body["problems"] if p["kind"] == "write"]
             assert problem["count"] == 1 and "Read-only" in problem["message"], problem
             assert await metric(world, daemon, "tokensettle_write_failures_total") >= 3
+            # /runs says why the run waits, and when it is tried again (the backoff's time).
+            status, listed = await daemon.get(world.session, "/runs")
+            (entry,) = [r for r in listed["runs"] if r["run_id"] == "ro-1"]
+            assert entry["message"].startswith("write failed, file unchanged"), entry
+            assert "Read-only" in entry["message"], entry
+            assert (
+                entry["next_poll_at"] is not None
+                and entry["next_poll_at"] > backoffs[-1]["timestamp"][:19]
+            ), (entry, backoffs[-1])
             assert path.read_bytes() == raw  # nothing already in the file changed
         finally:
             read_write(world.root)

@@ -10,6 +10,7 @@ from tests.integration.conftest import Stage
 from tests.support.runs import virtual_request, write_run
 from tests.support.smallfs import read_only, read_write, small_filesystem
 from tokensettle.reconcile import Selection
+from tokensettle.render import report_human, report_json
 
 
 def _block(path: Path) -> dict[str, object]:
@@ -58,6 +59,10 @@ async def test_failed_writes_make_the_command_fail_and_change_nothing(stage: Sta
         assert outcome.write_error and "Read-only" in outcome.write_error
         assert not outcome.written
         assert path.read_bytes() == raw
+        # What the user reads says so, not only the log on stderr.
+        shown = report_human(report, stage.clock.now)
+        assert "write failed, file unchanged: " in shown and "1 write(s) failed" in shown
+        assert report_json(report, stage.clock.now)["runs"][0]["write_error"] == outcome.write_error
 
 
 async def test_one_absurd_window_is_that_runs_error_not_the_batchs(stage: Stage) -> None:
