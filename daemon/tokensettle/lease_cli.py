@@ -74,6 +74,7 @@ from tokensettle.leases import (
     RevokePolicy,
     effective_state,
     ensure_service_account,
+    lease_accounts,
     mint_lease,
     remembered_service_account,
     revoke,
@@ -305,7 +306,14 @@ async def _mint(
         try:
             await asyncio.to_thread(write_declaration, run_dir, declaration)
         except OSError as exc:
-            await revoke(store, client, [lease], datetime.now(UTC), policy=_policy(settings))
+            await revoke(
+                store,
+                client,
+                [lease],
+                datetime.now(UTC),
+                policy=_policy(settings),
+                service_accounts=lease_accounts(settings),
+            )
             raise LeaseProblem(
                 f"--run-dir {run_dir}: cannot write {SCOPE_FILE}: "
                 f"{exc.strerror or exc}; the key was revoked"
@@ -519,7 +527,14 @@ async def _exec(args: argparse.Namespace) -> int:
 async def _revoke_unused(settings: Settings, store: LeaseStore, lease: Lease) -> None:
     async with aiohttp.ClientSession() as session:
         client = admin_client(settings, session)
-        await revoke(store, client, [lease], datetime.now(UTC), policy=_policy(settings))
+        await revoke(
+            store,
+            client,
+            [lease],
+            datetime.now(UTC),
+            policy=_policy(settings),
+            service_accounts=lease_accounts(settings),
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -921,7 +936,8 @@ def _select(
 
 def _outcome_line(outcome: RevokeOutcome) -> str:
     if outcome.revoked:
-        return f"{outcome.key_id}: " + ("already gone" if outcome.already_gone else "revoked")
+        gone = f"already gone (no such key in {outcome.project_id})"
+        return f"{outcome.key_id}: " + (gone if outcome.already_gone else "revoked")
     return f"{outcome.key_id}: not revoked: {outcome.error}"
 
 
@@ -967,12 +983,21 @@ async def _revoke(args: argparse.Namespace) -> int:
         return EXIT_OK if all(pool) else EXIT_FAILED
     async with aiohttp.ClientSession() as session:
         client = admin_client(settings, session)
-        outcomes = await revoke(store, client, chosen, now, policy=_policy(settings))
+        outcomes = await revoke(
+            store,
+            client,
+            chosen,
+            now,
+            policy=_policy(settings),
+            service_accounts=lease_accounts(settings),
+        )
     for outcome in outcomes:
         _emit(_outcome_line(outcome))
     if any(o.auth_error for o in outcomes):
         sys.stderr.write(f"{_PROG}: {_AUTH_HINT}\n")
         return EXIT_AUTH
+    if any(o.not_ours for o in outcomes):
+        return EXIT_USAGE  # a key id that is not a lease's: nothing of it was touched
     return EXIT_OK if all(pool) and all(o.revoked for o in outcomes) else EXIT_FAILED
 
 

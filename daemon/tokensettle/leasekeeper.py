@@ -31,6 +31,7 @@ from tokensettle.leases import (
     PoolLease,
     RevokeOutcome,
     RevokePolicy,
+    lease_accounts,
     revoke_due,
 )
 from tokensettle.pool import release_due
@@ -126,6 +127,7 @@ class LeaseKeeper:
                     policy=RevokePolicy.from_settings(settings),
                     declared=runs.declarations,
                     lease_project=settings.lease_project,
+                    service_accounts=lease_accounts(settings),
                 )
         except LeaseStoreError as exc:
             log.warning("lease.store_failed", error=str(exc))

@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -43,6 +43,7 @@ from tokensettle.admin_api import (
     AdminClient,
     AdminNotFoundError,
     LeasedKey,
+    ProjectKey,
 )
 from tokensettle.atomic import publish
 from tokensettle.stability import backoff
@@ -321,6 +322,9 @@ class LeaseBook:
 
     def get(self, key_id: str) -> Lease | None:
         return next((lease for lease in self.leases if lease.key_id == key_id), None)
+
+    def without_lease(self, key_id: str) -> LeaseBook:
+        return replace(self, leases=tuple(x for x in self.leases if x.key_id != key_id))
 
     def with_lease(self, lease: Lease) -> LeaseBook:
         """The book with `lease` added, or replacing the record of the same key id."""
@@ -705,9 +709,54 @@ class RevokeOutcome:
     auth_error: bool = False
     failures: int = 0
     next_revoke_at: datetime | None = None
+    #: the key is not one tokensettle leased: refused, never deleted, not retried
+    not_ours: bool = False
 
 
-async def _delete(client: AdminClient, lease: Lease) -> RevokeOutcome:
+def lease_accounts(settings: Any) -> tuple[str, ...]:
+    """The configured lease service account (`LEASE_SERVICE_ACCOUNT`), if any."""
+    account = getattr(settings, "lease_service_account", None)
+    return (account,) if account else ()
+
+
+#: The names `key_name` gives the keys tokensettle mints.
+LEASED_KEY_PREFIX: Final = "tokensettle-"
+
+
+def not_a_lease(key: ProjectKey, accounts: Collection[str]) -> str | None:
+    """Why a key the lease book has no record of must not be deleted, or None when it is
+    one of ours: owned by a service account, and that account is one tokensettle mints
+    leases for or the key carries the name tokensettle gives its leases (a lost
+    `leases.json` loses the account's record, not the key's name). Pure."""
+    if key.owner_type != "service_account":
+        return f"its owner is a {key.owner_type or 'caller'}, not a lease service account"
+    if key.owner_id in accounts or key.name.startswith(LEASED_KEY_PREFIX):
+        return None
+    return f"it belongs to service account {key.owner_id}, which tokensettle did not lease it from"
+
+
+async def _delete(client: AdminClient, lease: Lease, accounts: Collection[str]) -> RevokeOutcome:
+    if lease.service_account_id is None:
+        # Not minted by this book (a lost record, or an id named by hand or by a run's
+        # declaration): only a key tokensettle leased is ever deleted.
+        try:
+            key = await client.get_key(lease.project_id, lease.key_id)
+        except AdminNotFoundError:
+            return RevokeOutcome(lease.key_id, lease.project_id, revoked=True, already_gone=True)
+        except AdminApiError as exc:
+            auth = isinstance(exc, AdminAuthError)
+            return RevokeOutcome(
+                lease.key_id, lease.project_id, revoked=False, error=str(exc), auth_error=auth
+            )
+        why = not_a_lease(key, accounts)
+        if why is not None:
+            return RevokeOutcome(
+                lease.key_id,
+                lease.project_id,
+                revoked=False,
+                error=f"not a leased key ({why}); nothing deleted",
+                not_ours=True,
+            )
     try:
         await client.delete_key(lease.project_id, lease.key_id)
     except AdminNotFoundError:
@@ -727,18 +776,26 @@ async def revoke(
     now: datetime,
     *,
     policy: RevokePolicy = RevokePolicy(),
+    service_accounts: Collection[str] = (),
 ) -> list[RevokeOutcome]:
     """Delete the keys of `leases`, one after another, and record each result: revoked
     (a 404 counts: the key is gone), or a failure with backoff. Never raises for a failed
     delete. After a 401/403 the rest are not tried (the same key would be refused) and
-    carry the same error. Leases not in the store (a lost record) are deleted unrecorded."""
+    carry the same error. Leases not in the store (a lost record) are deleted unrecorded,
+    but only once the Admin API shows the key is one tokensettle leased (`not_a_lease`;
+    `service_accounts`: the configured lease service account, beside the book's)."""
     outcomes: list[RevokeOutcome] = []
     refused: RevokeOutcome | None = None
+    try:
+        book = await asyncio.to_thread(store.load)
+    except LeaseStoreError:
+        book = LeaseBook()
+    accounts = {a.id for a in book.service_accounts} | set(service_accounts)
     for lease in leases:
         if refused is not None:
             outcomes.append(replace(refused, key_id=lease.key_id, project_id=lease.project_id))
             continue
-        outcome = await _delete(client, lease)
+        outcome = await _delete(client, lease, accounts)
         if outcome.auth_error:
             refused = outcome
         outcomes.append(outcome)
@@ -750,6 +807,9 @@ async def revoke(
             current = book.get(outcome.key_id)
             if current is None or current.state is LeaseState.REVOKED:
                 continue  # unrecorded, or revoked meanwhile by another process
+            if outcome.not_ours and current.service_account_id is None:
+                book = book.without_lease(outcome.key_id)  # adopted by mistake: forget it
+                continue
             if outcome.revoked:
                 moved = revoked(current, now)
             else:
@@ -813,6 +873,7 @@ async def revoke_due(
     policy: RevokePolicy = RevokePolicy(),
     declared: Iterable[LeaseDeclaration] = (),
     lease_project: str | None = None,
+    service_accounts: Collection[str] = (),
 ) -> list[RevokeOutcome]:
     """The daemon's and reconcile's call, once per round: mark settled the leases whose
     key ids are in `settled_key_ids` (every run declaring the key is settled), mark
@@ -859,4 +920,4 @@ async def revoke_due(
     await asyncio.to_thread(store.update, mark)
     if not due:
         return []
-    return await revoke(store, client, due, now, policy=policy)
+    return await revoke(store, client, due, now, policy=policy, service_accounts=service_accounts)

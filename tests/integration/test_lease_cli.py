@@ -269,9 +269,41 @@ def test_list_and_revoke(cli: Cli) -> None:
     assert json.loads(out)["leases"][0]["state"] == "revoked"
     code, out, _ = cli.run("revoke", lease["key_id"])
     assert code == 0 and "already revoked" in out
-    # a key the records do not know (a lost leases.json) is deleted in the lease project
+    # a key id nobody has: nothing to delete
     code, out, _ = cli.run("revoke", "key_notrecorded")
-    assert code == 0 and out.strip() == "key_notrecorded: already gone"
+    assert code == 0 and out.strip() == f"key_notrecorded: already gone (no such key in {LEASES})"
+
+
+def test_revoke_never_deletes_a_key_tokensettle_did_not_lease(cli: Cli) -> None:
+    """`lease revoke` of a user's own key in the lease project (a typo, a pasted id) was
+    `revoked`: it deleted the key. Only a key tokensettle leased is ever deleted."""
+    cli.control(
+        "admin",
+        {
+            "api_keys": [
+                {
+                    "id": "key_usersOwn0001",
+                    "value": "sk-proj-users-own-SECRET-1",
+                    "project_id": LEASES,
+                }
+            ]
+        },
+    )
+    code, out, _ = cli.run("revoke", "key_usersOwn0001")
+    assert code == 2, out
+    assert out.strip().startswith("key_usersOwn0001: not revoked: not a leased key")
+    assert "owner is a user" in out and "nothing deleted" in out
+    assert cli.sim.admin.keys["key_usersOwn0001"].deleted_at is None
+    assert "sk-proj-users-own-SECRET-1" not in out
+
+
+def test_a_lost_lease_book_still_revokes_the_keys_tokensettle_leased(cli: Cli) -> None:
+    assert cli.run("exec", "--", "true")[0] == 0
+    (key,) = cli.minted()
+    (cli.state / "leases.json").unlink()  # the record of the lease and its account is gone
+    code, out, _ = cli.run("revoke", key.id)
+    assert code == 0 and out.strip() == f"{key.id}: revoked", out
+    assert key.deleted_at is not None
 
 
 def test_a_revoke_is_retried_after_a_5xx(cli: Cli) -> None:

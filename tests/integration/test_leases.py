@@ -290,6 +290,46 @@ async def test_a_lost_book_still_revokes_declared_leases_of_the_lease_project(
     assert await revoke_due(other, client, ids, datetime.now(UTC), declared=declared) == []
 
 
+async def test_a_declaration_naming_a_users_own_key_never_deletes_it(
+    tmp_path: Path, client: AdminClient, sim: RunningSimulator
+) -> None:
+    """A hand-written usage_scope.json with a `lease` object naming a shared user key in
+    the lease project: the daemon adopted it once the run settled and deleted the key."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{sim.root_url}/_sim/admin",
+            json={
+                "api_keys": [{"id": "key_shared01", "value": "sk-proj-sh-1", "project_id": LEASES}]
+            },
+        ) as resp,
+    ):
+        assert resp.status == 200
+    store = LeaseStore(tmp_path / "state")
+    now = datetime.now(UTC)
+    declared = LeaseDeclaration("key_shared01", LEASES, now, now + timedelta(days=1))
+    (outcome,) = await revoke_due(
+        store,
+        client,
+        {"key_shared01"},
+        datetime.now(UTC),
+        declared=[declared],
+        lease_project=LEASES,
+    )
+    assert not outcome.revoked and outcome.not_ours, outcome
+    assert "key_shared01" in live_keys(sim) and deletes(sim) == 0
+    assert store.load().get("key_shared01") is None  # forgotten, not retried every round
+    again = await revoke_due(
+        store,
+        client,
+        {"key_shared01"},
+        datetime.now(UTC),
+        declared=[declared],
+        lease_project=LEASES,
+    )
+    assert [o.not_ours for o in again] == [True] and deletes(sim) == 0
+
+
 async def test_an_idle_round_touches_nothing(
     store: LeaseStore, client: AdminClient, sim: RunningSimulator
 ) -> None:
