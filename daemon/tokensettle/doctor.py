@@ -50,6 +50,7 @@ from tokensettle.config import (
 from tokensettle.config import state_dir_verdict as state_dir_problem_of
 from tokensettle.discovery import Found, scan_all
 from tokensettle.keyids import Resolution, search_projects, unresolved_secrets
+from tokensettle.keyids import apply as apply_key_ids
 from tokensettle.keyids import resolve as resolve_key_ids
 from tokensettle.serve import probe_bind
 from tokensettle.usage import Scope
@@ -580,6 +581,9 @@ async def run_checks(
         wanted = unresolved_secrets(os.environ if environ is None else environ, settings)
         resolutions = await resolve_key_ids(admin, search_projects(settings), wanted)
         head += [key_id_check(r) for r in resolutions]
+        # As the daemon and reconcile do: a resolved id is the framework's scope, so the
+        # scope checks below judge what will really be used.
+        apply_key_ids(settings, [r for r in resolutions if r.key_id is not None])
     now = clock()
     apis = [
         asyncio.create_task(

@@ -9,7 +9,7 @@ from tests.integration.conftest import Stage
 from tests.support.runs import virtual_request, write_run
 from tokensettle import keyids
 from tokensettle.admin_api import client_for
-from tokensettle.doctor import key_id_check
+from tokensettle.doctor import key_id_check, run_checks
 from tokensettle.simulator.admin import AdminModel
 
 SECRET = "sk-proj-chatdevRUNNERkey-7a1b2c3d4e5f6a7b8c9d"
@@ -59,3 +59,31 @@ async def test_a_frameworks_secret_key_resolves_to_its_id_and_settles_by_it(
     )
     assert await stage.settle(reconciler) == ["verified"]
     assert b'"TOK_IN": 500' in path.read_bytes()
+
+
+async def test_doctor_judges_the_scope_with_the_resolved_id(
+    stage: Stage, session: aiohttp.ClientSession
+) -> None:
+    """doctor said `ok key ids (chatdev): ... is key_...` and then warned that chatdev had
+    no scope: it resolved the id but judged the scope without it."""
+    stage.sim.admin.configure(
+        {
+            "projects": [{"id": PROJECT, "name": "Experiments"}],
+            "api_keys": [{"id": "key_chatdevREAL01", "value": SECRET, "project_id": PROJECT}],
+        }
+    )
+    end = stage.end
+    write_run(stage.root, "autogen", "r1", [(end - 100, end)])
+    # No scope configured at all: the key list of the lease project is where the id is.
+    settings = stage.reconciler(lease_project=PROJECT).settings
+    assert settings.scope_for("autogen").is_organisation
+    checks = await run_checks(
+        settings,
+        None,
+        admin=client_for(settings, session, settings.secret_key() or ""),
+        environ={"OPENAI_API_KEY_AUTOGEN": SECRET},
+    )
+    found = {c.name: c for c in checks}
+    assert found["key ids (autogen)"].ok is True, found
+    scope = found["scope autogen"]
+    assert scope.ok is True and "key_chatdevREAL01" in scope.detail, scope
