@@ -28,8 +28,9 @@ __all__ = ["fmt_duration"]
 
 ESTIMATE = "~"
 LEGEND_ESTIMATE = (
-    "~ estimated: tokens partly apportioned between runs that share minutes on one key "
-    "(ambiguous runs, and verified runs within APPORTION_TOLERANCE)"
+    "~ estimated: tokens partly apportioned between runs that share minutes on one key, "
+    "and the cached share, API calls and cost that follow from them (ambiguous runs, and "
+    "verified runs within APPORTION_TOLERANCE)"
 )
 LEGEND_UNPRICED = (
     "unpriced (model): the price table has no price for that model; the run has no cost "
@@ -143,6 +144,12 @@ def metric_cell(agg: FrameworkAggregate, key: str) -> str:
 def run_tokens(run: RunSummary, value: int | None) -> str:
     text = fmt_int(value)
     return ESTIMATE + text if value is not None and run.estimated else text
+
+
+def run_estimate(run: RunSummary, text: str) -> str:
+    """Any figure of an estimated run (its cached share, its API calls: they are split
+    with the tokens) carries the mark, as its tokens do."""
+    return ESTIMATE + text if run.estimated and text != "-" else text
 
 
 def run_cost(run: RunSummary) -> str:
@@ -292,8 +299,8 @@ def run_row(r: RunSummary) -> list[str]:
         r.status,
         run_tokens(r, r.tokens_in),
         run_tokens(r, r.tokens_out),
-        fmt_share(r.cached_share),
-        fmt_int(r.api_calls),
+        run_estimate(r, fmt_share(r.cached_share)),
+        run_estimate(r, fmt_int(r.api_calls)),
         run_cost(r),
         fmt_duration(r.time_to_verify),
         r.local_vs_provider or "-",

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tokensettle.aggregates import METRICS
 from tokensettle.breakdown import build_breakdown
+from tokensettle.cells import run_row
 from tokensettle.compare import compare, local_counts
 from tokensettle.pricing import price_models
 from tokensettle.report import (
@@ -625,6 +626,14 @@ def test_apportioned_tokens_of_a_verified_run_are_marked_estimated(tmp_path: Pat
     assert "~ estimated" in text
     page = render_html([summary])
     assert '<span class="est" title="estimated">≈</span>1,000' in page
+
+
+def test_every_figure_of_an_ambiguous_run_is_marked_as_an_estimate() -> None:
+    """Its cached share and API calls are split with its tokens: they were shown bare."""
+    row = run_row(run(status="ambiguous", tokens=(1_000, 100), cached=250, calls=4))
+    assert row[3:7] == ["~1,000", "~100", "~25.0%", "~4"], row
+    exact = run_row(run(status="verified", tokens=(1_000, 100), cached=250, calls=4))
+    assert exact[3:7] == ["1,000", "100", "25.0%", "4"], exact
 
 
 # ------------------------------------------------------------------ provenance
