@@ -290,9 +290,15 @@ def data_source(endpoint: str | None) -> str:
         return "Usage API (settled by another tool; endpoint not recorded)"
     parts = urlsplit(endpoint)
     where = (parts.netloc + parts.path) or endpoint
-    if parts.hostname == "api.openai.com":
-        return f"OpenAI Usage API ({where})"
-    return f"Usage API at {where} (not api.openai.com)"
+    anthropic = parts.path.endswith("/usage_report/messages")
+    name, host = (
+        ("Anthropic usage report", "api.anthropic.com")
+        if anthropic
+        else ("OpenAI Usage API", "api.openai.com")
+    )
+    if parts.hostname == host:
+        return f"{name} ({where})"
+    return f"{name} at {where} (not {host})"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensettle.aggregates import METRICS
+from tokensettle.aggregates import METRICS, data_source
 from tokensettle.breakdown import build_breakdown
 from tokensettle.cells import run_row
 from tokensettle.compare import compare, local_counts
@@ -702,3 +702,15 @@ def test_hostile_text_from_files_is_escaped_everywhere_in_the_page() -> None:
     assert {name for name, _ in _tags(page)} <= _ALLOWED_TAGS
     attributes = {attr for _, attrs in _tags(page) for attr in attrs}
     assert not any(a.startswith("on") for a in attributes)
+
+
+def test_each_providers_report_is_named_as_the_data_source() -> None:
+    anthropic = "https://api.anthropic.com/v1/organizations/usage_report/messages"
+    assert data_source(anthropic) == (
+        "Anthropic usage report (api.anthropic.com/v1/organizations/usage_report/messages)"
+    )
+    assert data_source("https://api.openai.com/v1/organization/usage/completions").startswith(
+        "OpenAI Usage API (api.openai.com"
+    )
+    local = data_source("http://127.0.0.1:8787/v1/organizations/usage_report/messages")
+    assert local.endswith("(not api.anthropic.com)") and local.startswith("Anthropic")
