@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from tokensettle import TOOL_NAME, __version__
 from tokensettle.stats import Number, Stat, describe
 from tokensettle.summary import SETTLED, UNREADABLE, RunSummary, iso
+from tokensettle.usage import counts_requests
 
 Kind = Literal["count", "share", "usd"]
 
@@ -136,6 +137,8 @@ def missing_reason(run: RunSummary, metric: Metric) -> LeftOut:
             "no cost",
             "no cost recorded (settled by another tool; `tokensettle reprice` prices it)",
         )
+    if metric.key == "api_calls" and run.provider and not counts_requests(run.provider):
+        return LeftOut(run.run_id, run.status, "missing", f"not counted by {run.provider}")
     return LeftOut(run.run_id, run.status, "missing", f"no {metric.label.lower()} recorded")
 
 

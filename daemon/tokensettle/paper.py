@@ -198,6 +198,27 @@ def _caption(report: Report) -> str:
     )
 
 
+def missing_notes(report: Report) -> tuple[str, str]:
+    """Why values are missing, one entry per framework, metric and reason (with how many
+    runs): those of cells shown over fewer runs (`(n=k)`), and those of empty cells."""
+    partial: dict[str, int] = {}
+    none: dict[str, int] = {}
+    for a in report.frameworks:
+        for key, runs in a.missing.items():
+            if not runs:
+                continue
+            empty = a.stats[key].n == 0
+            for x in runs:
+                entry = f"{a.framework}: {METRIC_BY_KEY[key].label.lower()} {x.detail}"
+                target = none if empty else partial
+                target[entry] = target.get(entry, 0) + 1
+
+    def joined(entries: dict[str, int]) -> str:
+        return "; ".join(f"{e} ({n} runs)" if n > 1 else e for e, n in entries.items())
+
+    return joined(partial), joined(none)
+
+
 def _notes(report: Report) -> list[str]:
     notes: list[str] = []
     left = [x for a in report.frameworks for x in a.left_out]
@@ -208,18 +229,11 @@ def _notes(report: Report) -> list[str]:
         notes.append(
             "Left out: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + " run(s)."
         )
-    missing = [(a, k, x) for a in report.frameworks for k, xs in a.missing.items() for x in xs]
-    if missing:
-        notes.append(
-            "($n{=}k$): over $k$ of the framework's $n$ runs; "
-            + tex(
-                "; ".join(
-                    f"{a.framework}: {METRIC_BY_KEY[k].label.lower()} {x.detail}"
-                    for a, k, x in missing
-                )
-            )
-            + "."
-        )
+    partial, none = missing_notes(report)
+    if partial:
+        notes.append("($n{=}k$): over $k$ of the framework's $n$ runs; " + tex(partial) + ".")
+    if none:
+        notes.append("--: " + tex(none) + ".")
     if needs_estimate_legend(report) and any(a.estimated_counted for a in report.frameworks):
         notes.append(r"$\approx$: " + tex(LEGEND_ESTIMATE.removeprefix("~ ")) + ".")
     single = [a.framework for a in report.frameworks if a.n == 1]

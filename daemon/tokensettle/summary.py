@@ -63,6 +63,8 @@ class RunSummary:
     #: "tokensettle 0.1.0" from the block's provenance; None: another tool settled it
     settled_by: str | None = None
     endpoint: str | None = None
+    #: whose usage report settled it ("openai", "anthropic"), as its provenance says
+    provider: str | None = None
     #: the Usage API query window [start, end) the tokens come from
     window: tuple[datetime, datetime] | None = None
 
@@ -351,6 +353,7 @@ def summary_from_document(
         priced_at=_when(cost_block.get("priced_at")),
         settled_by=None if tool is None else f"{tool} {_text(provenance.get('version')) or '?'}",
         endpoint=_text(provenance.get("endpoint")),
+        provider=_text(provenance.get("provider")),
         window=window or _query_window(attempt),
     )
 

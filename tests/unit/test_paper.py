@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -160,3 +161,18 @@ def test_dispatch_knows_the_paper_formats() -> None:
         build(RUNS, generated_at=END)
     )
     assert render(RUNS, "latex", generated_at=END) == render_latex(build(RUNS, generated_at=END))
+
+
+def test_a_metric_no_run_has_is_one_note_per_reason_not_a_partial_one() -> None:
+    """Anthropic counts no requests: the API calls cell is empty, and the note said
+    '(n=k): ...; claudebench: api calls no api calls recorded' once per run."""
+    claude = [
+        replace(
+            run("claude", f"k{i}", (10_000 + i, 900), "0.01"), api_calls=None, provider="anthropic"
+        )
+        for i in range(2)
+    ]
+    latex = render_latex(build([*RUNS[:2], *claude]))
+    notes = latex.split(r"\footnotesize", 1)[1]
+    assert "--: claude: api calls not counted by anthropic (2 runs)." in notes, notes
+    assert "($n{=}k$)" not in notes, notes
