@@ -214,6 +214,7 @@ class Daemon:
         oldest = self.registry.oldest_waiting_end() if self.registry else None
         age = (self.clock() - oldest).total_seconds() if oldest is not None else 0.0
         self.metrics.oldest_waiting.set(max(age, 0.0))
+        self.metrics.max_age.set(self.settings.max_age.total_seconds())
 
     def _routes(self) -> dict[str, Callable[[web.Request], Any]]:
         async def healthz(_: web.Request) -> web.Response:

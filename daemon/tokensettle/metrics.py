@@ -59,6 +59,11 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("tokensettle_queue_depth", "Runs waiting for a poll", registry=r)
+        self.max_age = Gauge(
+            "tokensettle_max_age_seconds",
+            "MAX_AGE: how long after its end a run may wait to settle before it expires",
+            registry=r,
+        )
         self.oldest_waiting = Gauge(
             "tokensettle_oldest_waiting_run_age_seconds",
             "Age from its end of the oldest run not yet settled (pending, data_not_available, "

@@ -48,7 +48,8 @@ def outcome_json(o: RunOutcome, now: datetime) -> dict[str, Any]:
     age = o.age(now)
     return {
         "framework": o.framework,
-        "run_id": o.run_id,
+        # An unreadable file has no run id of its own: its directory's, as the report has.
+        "run_id": o.run_id or o.path.parent.name,
         "path": str(o.path),
         "status": o.state,
         "message": o.message,

@@ -99,6 +99,9 @@ def test_report_statuses_agree_with_list(tree: Path) -> None:
         "linked": "skipped",
     }
     assert by_report == by_list
+    # ...and on the run id, which an unreadable file gets from its directory in both.
+    by_id = {r["run_id"]: r["status"] for r in json.loads(listed.stdout)["runs"]}
+    assert by_id == by_report
     errors = {r["run_id"]: r["message"] for r in runs if r["status"] == "error"}
     assert "no run window" in errors["no-window"]
     assert "not valid JSON" in errors["broken"]
