@@ -879,6 +879,14 @@ def state_dir_verdict(view: StateDirView, user: str) -> Problem | None:
         return Problem(STATE_SETTING, str(path), "is not a directory", move)
     if view.exists and view.write_error is not None:
         reason = view.write_error.strerror or str(view.write_error)
+        if view.write_error.errno == errno.EROFS:
+            # No owner or mode change helps on a read-only mount.
+            return Problem(
+                STATE_SETTING,
+                str(path),
+                f"is on a read-only file system: {reason}",
+                f"mount it read-write (Docker: a volume without :ro), or {move}",
+            )
         return Problem(
             STATE_SETTING,
             str(path),

@@ -551,6 +551,10 @@ def test_state_dir_verdicts() -> None:
     ):
         assert line is not None and line.startswith("state_dir (TOKENSETTLE_STATE_DIR): ")
         assert fix in line and "\n" not in line
+    # A read-only mount: neither the cause nor the fix is ownership.
+    ro = verdict(write_error=OSError(errno.EROFS, "Read-only file system"))
+    assert ro is not None and "read-only file system" in ro and "chown" not in ro
+    assert "mount it read-write" in ro and fix in ro
 
 
 def test_a_state_dir_that_is_a_file_is_a_problem_for_the_daemon(tmp_path: Path) -> None:
