@@ -115,13 +115,16 @@ def apportion(total: int, weights: Sequence[int]) -> list[int]:
 
 
 def split_usage(usage: Usage, weights: Sequence[int]) -> list[Usage]:
-    """Apportion every counter of `usage`; absent optional counters stay absent."""
+    """Apportion every counter of `usage`; absent optional counters stay absent, and a
+    request count the data does not carry stays not carried in every part."""
     columns: dict[str, list[int] | None] = {}
     for name in ALL_FIELDS:
         value = getattr(usage, name)
         columns[name] = None if value is None else apportion(value, weights)
     return [
-        Usage.from_fields({n: (col[i] if col is not None else None) for n, col in columns.items()})
+        Usage.from_fields(
+            {n: (col[i] if col is not None else None) for n, col in columns.items()}
+        ).replace(requests_counted=usage.requests_counted)
         for i in range(len(weights))
     ]
 

@@ -1,11 +1,15 @@
-"""The token breakdown of a run: what the Usage API says about cache and modality, per model.
+"""The token breakdown of a run: what the usage data says about cache and modality, per model.
 
 Pure. Only fields the data carries are reported: an optional Usage API field that no bucket
 carried is *absent* (and listed in `not_carried`), never 0, because old buckets lack the
-breakdown and a 0 would claim "nothing cached" where the truth is "not reported".
+breakdown and a 0 would claim "nothing cached" where the truth is "not reported". The same
+holds for the request count of a provider that does not report one (Anthropic): `requests`
+is then absent and listed in `not_carried`, never 0.
 
-Names in the block map 1:1 to Usage API fields (current spec, see
-shared/reference/usage-api-notes.md section 2.3):
+Names in the block map 1:1 to the fields of the normalised `usage.Usage` (OpenAI's names,
+current spec, see shared/reference/usage-api-notes.md section 2.3; Anthropic's usage maps
+onto them, `usage` module docstring; the 5m/1h cache writes and web searches are only
+Anthropic's):
 
 =====================  ============================  =====================================
 block                  Usage API field               meaning
@@ -15,6 +19,8 @@ input.cached           input_cached_tokens           read from the cache
 input.cache_write      input_cache_write_tokens      written to the cache
 input.cache_write_30m  input_cache_write_30m_tokens  of those, kept 30 minutes
 input.cache_write_12h  input_cache_write_12h_tokens  of those, kept 12 hours
+input.cache_write_5m   input_cache_write_5m_tokens   of those, kept 5 minutes (Anthropic)
+input.cache_write_1h   input_cache_write_1h_tokens   of those, kept 1 hour (Anthropic)
 input.uncached         input_uncached_tokens         neither read from nor written to it
 input.uncached_text    input_text_tokens             uncached text input
 input.uncached_audio   input_audio_tokens            uncached audio input
@@ -26,7 +32,10 @@ output.total           output_tokens                 all output
 output.text            output_text_tokens            text output
 output.audio           output_audio_tokens           audio output
 output.image           output_image_tokens           image output
-requests               num_model_requests            model requests
+tools.web_search_      web_search_requests           web searches of the server tool
+requests                                             (a count of searches, not tokens)
+requests               num_model_requests            model requests (absent when the
+                                                     provider does not count them)
 =====================  ============================  =====================================
 
 Validation: a part larger than its whole (e.g. cached > input), or carried parts that add up to
@@ -44,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokensettle.attribution import Share
-from tokensettle.usage import ALL_FIELDS, ALL_OPTIONAL_FIELDS, Usage
+from tokensettle.usage import ALL_FIELDS, Usage, provider_fields
 
 #: block group -> (block name, Usage API field), in output order.
 LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
@@ -54,6 +63,8 @@ LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("cache_write", "input_cache_write_tokens"),
         ("cache_write_30m", "input_cache_write_30m_tokens"),
         ("cache_write_12h", "input_cache_write_12h_tokens"),
+        ("cache_write_5m", "input_cache_write_5m_tokens"),
+        ("cache_write_1h", "input_cache_write_1h_tokens"),
         ("uncached", "input_uncached_tokens"),
         ("uncached_text", "input_text_tokens"),
         ("uncached_audio", "input_audio_tokens"),
@@ -68,10 +79,14 @@ LAYOUT: dict[str, tuple[tuple[str, str], ...]] = {
         ("audio", "output_audio_tokens"),
         ("image", "output_image_tokens"),
     ),
+    "tools": (("web_search_requests", "web_search_requests"),),
 }
+REQUESTS_BLOCK = "requests"
+#: Groups shown even when empty; `tools` only where a provider reports server tools.
+_ALWAYS_SHOWN = frozenset({"input", "output"})
 BLOCK_NAME: dict[str, str] = {
     api: f"{group}.{name}" for group, pairs in LAYOUT.items() for name, api in pairs
-} | {"num_model_requests": "requests"}
+} | {"num_model_requests": REQUESTS_BLOCK}
 
 #: whole -> parts that add up to it, when every part is carried (usage-api-notes 2.3).
 IDENTITIES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -83,6 +98,7 @@ IDENTITIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("output_tokens", ("output_text_tokens", "output_audio_tokens", "output_image_tokens")),
     ("input_cache_write_tokens", ("input_cache_write_30m_tokens", "input_cache_write_12h_tokens")),
+    ("input_cache_write_tokens", ("input_cache_write_5m_tokens", "input_cache_write_1h_tokens")),
 )
 
 NO_MODEL = "(no model)"
@@ -149,21 +165,28 @@ def cached_share(usage: Usage) -> float | None:
 
 
 def counts_json(usage: Usage) -> dict[str, Any]:
-    """One usage in the block's layout; absent optional fields are left out."""
+    """One usage in the block's layout; absent optional fields are left out, and so are
+    `requests` when the data does not count them."""
     out: dict[str, Any] = {}
     for group, pairs in LAYOUT.items():
         values = {name: getattr(usage, api) for name, api in pairs}
-        out[group] = {k: v for k, v in values.items() if v is not None}
-    out["requests"] = usage.num_model_requests
+        carried = {k: v for k, v in values.items() if v is not None}
+        if carried or group in _ALWAYS_SHOWN:
+            out[group] = carried
+    if usage.requests_counted:
+        out[REQUESTS_BLOCK] = usage.num_model_requests
     share = cached_share(usage) if not usage_problems(usage) else None
     if share is not None:
         out["cached_share"] = round(share, 6)
     return out
 
 
-def not_carried(usage: Usage) -> list[str]:
-    """Block names of the optional fields this usage does not carry."""
-    return [BLOCK_NAME[name] for name in ALL_OPTIONAL_FIELDS if getattr(usage, name) is None]
+def not_carried(usage: Usage, provider: str = "openai") -> list[str]:
+    """Block names of the optional fields `provider` reports that this usage does not
+    carry (and `requests` when it does not count them)."""
+    fields = provider_fields(provider)
+    absent = [BLOCK_NAME[name] for name in fields if getattr(usage, name) is None]
+    return absent if usage.requests_counted else [*absent, REQUESTS_BLOCK]
 
 
 def _difference(total: Usage, part: Usage) -> Usage:
@@ -172,7 +195,8 @@ def _difference(total: Usage, part: Usage) -> Usage:
     for name in ALL_FIELDS:
         whole, piece = getattr(total, name), getattr(part, name)
         values[name] = None if whole is None else whole - (piece or 0)
-    return Usage.from_fields(values)
+    counted = total.requests_counted and part.requests_counted
+    return Usage.from_fields(values).replace(requests_counted=counted)
 
 
 # ------------------------------------------------------------------ models
@@ -231,6 +255,8 @@ class TokenBreakdown:
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     model_warning: str | None = None
+    #: whose usage this is: decides which absent fields `not_carried` lists
+    provider: str = "openai"
 
     @property
     def cached_tokens(self) -> int | None:
@@ -246,7 +272,7 @@ class TokenBreakdown:
         out["models"] = {m: counts_json(u) for m, u in sorted(self.models.items())}
         if self.without_model is not None:
             out["without_model"] = counts_json(self.without_model)
-        out["not_carried"] = not_carried(self.total)
+        out["not_carried"] = not_carried(self.total, self.provider)
         out["problems"] = list(self.problems)
         out["notes"] = list(self.notes)
         out["model_warning"] = self.model_warning
@@ -254,9 +280,14 @@ class TokenBreakdown:
 
 
 def build_breakdown(
-    total: Usage, models: Mapping[str, Usage], *, configured_model: str | None = None
+    total: Usage,
+    models: Mapping[str, Usage],
+    *,
+    configured_model: str | None = None,
+    provider: str = "openai",
 ) -> TokenBreakdown:
-    """The breakdown of a run's usage `total` and its per-model usages (snapshot names)."""
+    """The breakdown of a run's usage `total` and its per-model usages (snapshot names),
+    from `provider`'s usage data."""
     problems = [f"total: {p}" for p in usage_problems(total)]
     notes = [f"total: {n}" for n in usage_notes(total)]
     for name, usage in sorted(models.items()):
@@ -279,9 +310,14 @@ def build_breakdown(
         problems=tuple(problems),
         notes=tuple(notes),
         model_warning=model_mismatch(configured_model, models.keys()),
+        provider=provider,
     )
 
 
-def breakdown_of_share(share: Share, *, configured_model: str | None = None) -> TokenBreakdown:
-    """The breakdown of what attribution gave one run."""
-    return build_breakdown(share.usage, share.models, configured_model=configured_model)
+def breakdown_of_share(
+    share: Share, *, configured_model: str | None = None, provider: str = "openai"
+) -> TokenBreakdown:
+    """The breakdown of what attribution gave one run of `provider`'s scope."""
+    return build_breakdown(
+        share.usage, share.models, configured_model=configured_model, provider=provider
+    )

@@ -61,6 +61,7 @@ from pydantic_settings import (
 from tokensettle.durations import parse_duration
 from tokensettle.errors import ConfigError
 from tokensettle.usage import Scope
+from tokensettle.usage_scope import ANTHROPIC_KEY_ID_PATTERN, WORKSPACE_ID_PATTERN
 
 __all__ = [
     "ADMIN_KEY_ALIASES",
@@ -70,7 +71,10 @@ __all__ = [
     "PROBE_PREFIX",
     "ConfigError",
     "FrameworkScope",
+    "KeyPool",
+    "LeasePools",
     "PathStat",
+    "PoolKey",
     "Problem",
     "Settings",
     "StateDirView",
@@ -133,6 +137,55 @@ class FrameworkScope(BaseModel):
         provider = self.provider or "openai"
         containers = self.workspace_ids if provider == "anthropic" else self.project_ids
         return Scope(frozenset(self.api_key_ids), frozenset(containers), provider)
+
+
+class PoolKey(BaseModel):
+    """One Console-made Anthropic key of the lease pool: its id (never its value, which
+    comes from the pool's credentials file) and the workspace it belongs to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    workspace_id: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _key_id(cls, v: str) -> str:
+        if not ANTHROPIC_KEY_ID_PATTERN.fullmatch(v):
+            raise ValueError(f"{v[:64]!r} is not an Anthropic key id (apikey_...)")
+        return v
+
+    @field_validator("workspace_id")
+    @classmethod
+    def _workspace_id(cls, v: str | None) -> str | None:
+        if v is not None and not WORKSPACE_ID_PATTERN.fullmatch(v):
+            raise ValueError(f"{v[:64]!r} is not an Anthropic workspace id (wrkspc_...)")
+        return v
+
+
+class KeyPool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[PoolKey] = Field(default_factory=list, max_length=1000)
+
+    @field_validator("keys")
+    @classmethod
+    def _unique(cls, v: list[PoolKey]) -> list[PoolKey]:
+        seen: set[str] = set()
+        for key in v:
+            if key.id in seen:
+                raise ValueError(f"{key.id} is listed twice")
+            seen.add(key.id)
+        return v
+
+
+class LeasePools(BaseModel):
+    """`[leases.<provider>]`: pools of keys made by hand, leased one run at a time
+    (`tokensettle lease --provider anthropic`); only Anthropic needs one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anthropic: KeyPool = Field(default_factory=KeyPool)
 
 
 # The TOML file is chosen at run time (--config or TOKENSETTLE_CONFIG) and read (and its
@@ -248,6 +301,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("anthropic_admin_key", *ANTHROPIC_KEY_ALIASES),
     )
     anthropic_api_base_url: str = DEFAULT_ANTHROPIC_URL
+    #: requests a minute to Anthropic's Admin API (it asks for about one a minute sustained;
+    #: bursts of a few are fine), apart from `rate_limit_per_min`, which is OpenAI's
+    anthropic_rate_limit_per_min: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    # The Anthropic key pool of `tokensettle lease --provider anthropic`: the key ids in
+    # `[leases.anthropic] keys`, their values in a credentials file (`ID=VALUE` lines):
+    # this path, else `anthropic_pool_keys` in $CREDENTIALS_DIRECTORY or /run/secrets.
+    leases: LeasePools = Field(default_factory=LeasePools)
+    anthropic_pool_file: Path | None = None
 
     @field_validator("window_grace")
     @classmethod
@@ -498,14 +559,29 @@ def _describe(exc: ValidationError) -> _ErrorLine:
     loc = [str(part) for part in err.get("loc", ())]
     setting = loc[0] if loc else "settings"
     env_name = f"{ENV_PREFIX}{setting.upper()}"
-    where = f"{setting} ({env_name})" if setting != "frameworks" else ".".join(loc)
+    nested = setting in ("frameworks", "leases")
+    where = ".".join(loc) if nested else f"{setting} ({env_name})"
     message = str(err.get("msg", "invalid value"))
     message = message.removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden" and setting == "frameworks" and len(loc) == 3:
         guess = closest(loc[2], FrameworkScope.model_fields)
         hint = f"did you mean {guess}?" if guess else "the keys are api_key_ids, project_ids"
         message = f"unknown key; {hint}"
+    elif err.get("type") == "extra_forbidden" and setting == "leases":
+        fields = _leases_fields(loc[1:-1])
+        guess = closest(loc[-1], fields)
+        hint = f"did you mean {guess}?" if guess else f"the keys are {', '.join(fields)}"
+        message = f"unknown key; {hint}"
     return _ErrorLine(where, message)
+
+
+def _leases_fields(path: Sequence[str]) -> list[str]:
+    """The keys valid at `path` under `[leases]` (list indices skipped)."""
+    nested: dict[str, type[BaseModel]] = {"anthropic": KeyPool, "keys": PoolKey}
+    model: type[BaseModel] = LeasePools
+    for part in path:
+        model = nested.get(part, model)  # list indices leave it as it is
+    return list(model.model_fields)
 
 
 def _values_from(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from tokensettle.usage_scope import SCOPE_FILE
 
 _FRAMEWORK: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAX_TTL: Final = timedelta(days=365)
+_MAX_WAIT: Final = timedelta(days=7)
+#: How long `lease exec/new --provider anthropic` waits for a free pool key by default.
+DEFAULT_WAIT: Final = timedelta(minutes=10)
 
 
 def _ttl(text: str) -> timedelta:
@@ -26,6 +29,16 @@ def _ttl(text: str) -> timedelta:
     return ttl
 
 
+def _wait(text: str) -> timedelta:
+    try:
+        wait = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not timedelta(0) <= wait <= _MAX_WAIT:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0s and 7d")
+    return wait
+
+
 def _framework(text: str) -> str:
     if not _FRAMEWORK.fullmatch(text):
         raise argparse.ArgumentTypeError(
@@ -35,7 +48,15 @@ def _framework(text: str) -> str:
 
 
 def _mint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--framework", type=_framework, help="also set OPENAI_API_KEY_<FW>")
+    parser.add_argument(
+        "--provider",
+        choices=["openai", "anthropic"],
+        default="openai",
+        help="openai: mint a key; anthropic: take a key of the [leases.anthropic] pool",
+    )
+    parser.add_argument(
+        "--framework", type=_framework, help="also set OPENAI_API_KEY_<FW> (ANTHROPIC_...)"
+    )
     parser.add_argument(
         "--run-dir",
         dest="run_dir",
@@ -43,7 +64,15 @@ def _mint_options(parser: argparse.ArgumentParser) -> None:
         help=f"the run's directory: {SCOPE_FILE} is written there (created if missing)",
     )
     parser.add_argument(
-        "--ttl", type=_ttl, help="key lifetime, e.g. 6h (default TOKENSETTLE_LEASE_TTL, 24h)"
+        "--ttl",
+        type=_ttl,
+        help="key lifetime, e.g. 6h (default TOKENSETTLE_LEASE_TTL, 24h); for a pool key "
+        "the bound on a crashed holder",
+    )
+    parser.add_argument(
+        "--wait",
+        type=_wait,
+        help="anthropic: how long to wait for a free pool key (default 10m; 0s: do not wait)",
     )
 
 
@@ -75,7 +104,11 @@ def add_arguments(subparsers: Any) -> None:
     p_list = commands.add_parser("list", parents=[config], help="every lease and its state")
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p_rev = commands.add_parser("revoke", parents=[config], help="delete leased keys now")
-    p_rev.add_argument("key_ids", nargs="*", metavar="KEY_ID")
+    p_rev = commands.add_parser(
+        "revoke", parents=[config], help="delete leased keys now (release pool keys)"
+    )
+    p_rev.add_argument("key_ids", nargs="*", metavar="KEY_ID", help="key_... or apikey_...")
     p_rev.add_argument("--settled", action="store_true", help="every settled lease")
-    p_rev.add_argument("--expired", action="store_true", help="every expired lease")
+    p_rev.add_argument(
+        "--expired", action="store_true", help="every expired lease (and pool lease)"
+    )

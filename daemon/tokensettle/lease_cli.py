@@ -16,6 +16,13 @@ cannot be made: 3 when the admin key is refused, 2 for a setting to fix, 1 when 
 API keeps failing. The key's value appears only in the command's environment and in the
 output of `lease new`.
 
+With `--provider anthropic` the key is not minted but taken, exclusively, from the pool
+of Console-made keys (`[leases.anthropic] keys`, values from the pool's credentials
+file; see `tokensettle.pool`): ANTHROPIC_API_KEY (and ANTHROPIC_API_KEY_<FW>) instead.
+When every pool key is in use it waits (`--wait`, default 10m, a line on stderr every
+30 s); after the wait: one line, exit 1, nothing run. While the command runs the lease
+is renewed; when it exits its end is recorded (the key returns once its runs settle).
+
 The options live in `lease_args` (cheap to import, for the top-level parser); `main(args)`
 runs a parsed command. `python -m tokensettle.lease_cli ...` runs the same thing on its own.
 """
@@ -52,13 +59,17 @@ from tokensettle.admin_api import (
     client_for,
 )
 from tokensettle.config import ADMIN_KEY_ALIASES, ConfigError, Settings, load_settings
-from tokensettle.lease_args import add_arguments
+from tokensettle.discovery import RUN_FILE
+from tokensettle.durations import format_duration, human_duration
+from tokensettle.lease_args import DEFAULT_WAIT, add_arguments
 from tokensettle.leases import (
     Lease,
     LeaseBook,
     LeaseState,
     LeaseStore,
     LeaseStoreError,
+    PoolLease,
+    PoolState,
     RevokeOutcome,
     RevokePolicy,
     effective_state,
@@ -68,7 +79,26 @@ from tokensettle.leases import (
     revoke,
 )
 from tokensettle.logs import configure
-from tokensettle.usage_scope import SCOPE_FILE, Declaration, write_declaration
+from tokensettle.pool import (
+    PoolBusy,
+    PoolSlot,
+    expire_due,
+    finish,
+    load_pool_values,
+    pool_view,
+    release_by_hand,
+    release_unused,
+    renew,
+    renew_interval,
+    take,
+)
+from tokensettle.usage_scope import (
+    ANTHROPIC_KEY_ID_PATTERN,
+    KEY_ID_PATTERN,
+    SCOPE_FILE,
+    Declaration,
+    write_declaration,
+)
 
 __all__ = [
     "ADMIN_VARIABLES",
@@ -98,6 +128,8 @@ ADMIN_VARIABLES: Final = frozenset(
         "ANTHROPIC_ADMIN_KEY",
         "CREDENTIALS_DIRECTORY",
         "TOKENSETTLE_CONFIG",
+        # the file with every pool key's value (the run gets its own key only)
+        "TOKENSETTLE_ANTHROPIC_POOL_FILE",
     }
 )
 
@@ -109,22 +141,28 @@ def is_admin_variable(name: str) -> bool:
     return upper in ADMIN_VARIABLES or upper.endswith("_ADMIN_KEY") or "_ADMIN_KEY_" in upper
 
 
-def framework_variable(framework: str) -> str:
-    """`OPENAI_API_KEY_<FW>`, the runners' convention (non-alphanumerics become `_`)."""
-    return "OPENAI_API_KEY_" + re.sub(r"[^A-Z0-9]", "_", framework.upper())
+#: The variable each provider's SDK reads its key from.
+KEY_VARIABLES: Final = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+def framework_variable(framework: str, provider: str = "openai") -> str:
+    """`OPENAI_API_KEY_<FW>` (or `ANTHROPIC_API_KEY_<FW>`), the runners' convention
+    (non-alphanumerics become `_`)."""
+    return f"{KEY_VARIABLES[provider]}_" + re.sub(r"[^A-Z0-9]", "_", framework.upper())
 
 
 def lease_variables(
     key: LeasedKey, declaration: Declaration, *, framework: str | None, run_dir: Path | None
 ) -> dict[str, str]:
-    """The variables a leased run gets (the key value among them)."""
+    """The variables a leased run gets (the key value among them), named for the
+    declaration's provider."""
     env = {
-        "OPENAI_API_KEY": key.value,
+        KEY_VARIABLES[declaration.provider]: key.value,
         "TOKENSETTLE_LEASE_KEY_ID": key.id,
         "TOKENSETTLE_USAGE_SCOPE": json.dumps(declaration.to_json(), separators=(",", ":")),
     }
     if framework is not None:
-        env[framework_variable(framework)] = key.value
+        env[framework_variable(framework, declaration.provider)] = key.value
     if run_dir is not None:
         env["TOKENSETTLE_RUN_DIR"] = str(run_dir)
     return env
@@ -453,6 +491,8 @@ async def _lease_for(args: argparse.Namespace) -> tuple[Settings, LeaseStore, _M
 
 async def _exec(args: argparse.Namespace) -> int:
     argv = _resolve_command(args.cmd)
+    if _provider(args) == "anthropic":
+        return await _exec_pool(args, argv)
     settings, store, minted = await _lease_for(args)
     run_dir = minted.run_dir
     # From here the value is a secret of this process: mask it in our own log lines too.
@@ -483,6 +523,210 @@ async def _revoke_unused(settings: Settings, store: LeaseStore, lease: Lease) ->
 
 
 # --------------------------------------------------------------------------------------
+# exec and new from the Anthropic key pool
+
+
+def _provider(args: argparse.Namespace) -> str:
+    provider = str(getattr(args, "provider", "openai"))
+    if provider == "openai" and getattr(args, "wait", None) is not None:
+        raise LeaseProblem(
+            "--wait: only for --provider anthropic (an OpenAI key is minted at once)"
+        )
+    return provider
+
+
+@dataclass(frozen=True, slots=True)
+class _Pooled:
+    lease: PoolLease
+    key: LeasedKey
+    declaration: Declaration
+    run_dir: Path | None
+    ttl: timedelta
+
+
+def _pool_summary(slots: Sequence[PoolSlot]) -> str:
+    """`2 keys: 1 leased, 1 free from 12:03:00Z` (no values, ids only where useful)."""
+    configured = [s for s in slots if s.status != "unconfigured"]
+    counts: dict[str, int] = {}
+    for slot in configured:
+        counts[slot.status] = counts.get(slot.status, 0) + 1
+    parts = [f"{counts[k]} {k}" for k in ("leased", "cooling", "held", "free") if counts.get(k)]
+    soonest = min((s.free_at for s in configured if s.free_at is not None), default=None)
+    tail = f", the first free from {_when(soonest)}" if soonest is not None else ""
+    return f"{len(configured)} key(s): {', '.join(parts)}{tail}"
+
+
+class _WaitNotice:
+    """The waiting lines on stderr: at once, then every `every` seconds."""
+
+    def __init__(self, wait: timedelta, every: float = 30.0) -> None:
+        self.wait = wait
+        self.every = every
+        self.next_at = 0.0
+
+    def __call__(self, slots: Sequence[PoolSlot], waited: float) -> None:
+        if waited < self.next_at or waited >= self.wait.total_seconds():
+            return
+        self.next_at = waited + self.every
+        sys.stderr.write(
+            f"{_PROG}: waiting for a free anthropic pool key ({_pool_summary(slots)}); "
+            f"waited {human_duration(timedelta(seconds=waited))} of "
+            f"{format_duration(self.wait)}\n"
+        )
+        sys.stderr.flush()
+
+
+async def _take_pool(
+    args: argparse.Namespace, *, holder: str
+) -> tuple[Settings, LeaseStore, _Pooled]:
+    """`exec`/`new --provider anthropic`: check the run directory and the pool's ids and
+    values, then take a free pool key (waiting for one) and write the declaration. A
+    failure after the key is taken puts it back unused; nothing is run."""
+    run_dir = _check_run_dir(args.run_dir)
+    settings, store = _setup(args)
+    values = await asyncio.to_thread(load_pool_values, settings)
+    # Every pool value is a secret of this process: mask them all in our own log lines.
+    configure(
+        level=settings.log_level,
+        fmt=settings.log_format,
+        secrets=[_key(settings), *values.values()],
+    )
+    ttl = args.ttl or settings.lease_ttl
+    wait = args.wait if args.wait is not None else DEFAULT_WAIT
+    try:
+        lease = await take(
+            store,
+            settings.leases.anthropic,
+            ttl=ttl,
+            hold=settings.lease_ttl,
+            grace=settings.window_grace,
+            wait=wait,
+            framework=args.framework,
+            run_dir=str(run_dir) if run_dir is not None else None,
+            holder=holder,
+            on_wait=_WaitNotice(wait),
+        )
+    except PoolBusy as exc:
+        what = "the command was not run" if holder == "exec" else "nothing was leased"
+        raise LeaseProblem(
+            f"no anthropic pool key became free within {format_duration(wait)} "
+            f"({_pool_summary(exc.slots)}); {what}: wait longer (--wait) or add keys to "
+            "[leases.anthropic] keys",
+            EXIT_FAILED,
+        ) from None
+    declaration = Declaration.for_pool_lease(
+        lease.key_id, lease.workspace_id, lease.created_at, lease.expires_at
+    )
+    if run_dir is not None:
+        try:
+            await asyncio.to_thread(write_declaration, run_dir, declaration)
+        except OSError as exc:
+            await asyncio.to_thread(release_unused, store, lease, datetime.now(UTC))
+            raise LeaseProblem(
+                f"--run-dir {run_dir}: cannot write {SCOPE_FILE}: {exc.strerror or exc}; "
+                "the key went back to the pool"
+            ) from None
+    key = LeasedKey(
+        id=lease.key_id,
+        name="pool",
+        created_at=int(lease.created_at.timestamp()),
+        expires_at=int(lease.expires_at.timestamp()),
+        value=values[lease.key_id],
+    )
+    return settings, store, _Pooled(lease, key, declaration, run_dir, ttl)
+
+
+async def _keep_renewed(store: LeaseStore, lease: PoolLease, ttl: timedelta) -> None:
+    """While the command runs: push the lease's TTL on, so a live run never loses its
+    key; a `lease exec` that dies stops renewing, and the TTL bounds the crash."""
+    log = structlog.get_logger("tokensettle.lease")
+    every = renew_interval(ttl).total_seconds()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            record = await asyncio.to_thread(renew, store, lease, datetime.now(UTC), ttl)
+        except LeaseStoreError as exc:
+            log.warning("lease.renew_failed", key_id=lease.key_id, error=str(exc))
+            continue
+        if record is None:
+            log.warning("lease.pool_lost", key_id=lease.key_id, run_dir=lease.run_dir)
+            sys.stderr.write(
+                f"{_PROG}: {lease.key_id}: this run's lease was released or taken while the "
+                "command runs (lease revoke, or leases.json lost); its usage may be shared\n"
+            )
+            return
+
+
+async def _exec_pool(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    settings, store, pooled = await _take_pool(args, holder="exec")
+    env = child_environment(
+        os.environ,
+        lease_variables(
+            pooled.key, pooled.declaration, framework=args.framework, run_dir=pooled.run_dir
+        ),
+    )
+    log = structlog.get_logger("tokensettle.lease")
+    log.info(
+        "lease.exec",
+        provider="anthropic",
+        key_id=pooled.key.id,
+        command=argv[0],
+        run_dir=pooled.lease.run_dir,
+    )
+    renewer = asyncio.create_task(_keep_renewed(store, pooled.lease, pooled.ttl))
+    try:
+        code = await run_child(argv, env)
+    except OSError as exc:  # vanished or unrunnable between the check and the start
+        await asyncio.to_thread(release_unused, store, pooled.lease, datetime.now(UTC))
+        raise LeaseProblem(
+            f"{argv[0]}: {exc.strerror or exc}; the key went back to the pool", 126
+        ) from None
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+    written = pooled.run_dir is None or (pooled.run_dir / RUN_FILE).exists()
+    try:
+        await asyncio.to_thread(
+            finish,
+            store,
+            pooled.lease,
+            datetime.now(UTC),
+            settings.window_grace,
+            run_written=written,
+        )
+    except LeaseStoreError as exc:  # the command ran: its code stands; the TTL bounds it
+        log.warning("lease.store_failed", key_id=pooled.key.id, error=str(exc))
+    log.info("lease.exec_done", key_id=pooled.key.id, exit_code=code)
+    return code
+
+
+async def _new_pool(args: argparse.Namespace) -> int:
+    _, _, pooled = await _take_pool(args, holder="new")
+    env = lease_variables(
+        pooled.key, pooled.declaration, framework=args.framework, run_dir=pooled.run_dir
+    )
+    if args.format == "json":
+        lease = pooled.declaration.to_json()["lease"]
+        out = {
+            "provider": "anthropic",
+            "key_id": pooled.key.id,
+            "api_key": pooled.key.value,
+            "workspace_id": pooled.lease.workspace_id,
+            "framework": args.framework,
+            "run_dir": pooled.lease.run_dir,
+            "created_at": lease["created_at"],
+            "expires_at": lease["expires_at"],
+            "usage_scope": pooled.declaration.to_json(),
+            "env": env,
+        }
+        _emit(json.dumps(out, indent=2))
+    else:
+        _emit(_env_lines(env))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------
 # new
 
 
@@ -491,6 +735,8 @@ def _env_lines(env: Mapping[str, str]) -> str:
 
 
 async def _new(args: argparse.Namespace) -> int:
+    if _provider(args) == "anthropic":
+        return await _new_pool(args)
     _, _, minted = await _lease_for(args)
     env = lease_variables(
         minted.key, minted.declaration, framework=args.framework, run_dir=minted.run_dir
@@ -522,12 +768,56 @@ def _when(dt: datetime | None) -> str:
     return "-" if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _pool_slots(settings: Settings, book: LeaseBook, now: datetime) -> list[PoolSlot]:
+    """The pool as of `now` (a lease past its TTL shows as released)."""
+    current = expire_due(book, now, settings.window_grace)
+    return pool_view(settings.leases.anthropic.keys, current, now, settings.lease_ttl)
+
+
+_POOL_STATE: Final = {"leased": "active", "cooling": "released"}
+
+
+def _pool_note(slot: PoolSlot, book: LeaseBook) -> str:
+    record = slot.record
+    if slot.status == "held":
+        return (
+            f"unknown since leases.json was reset {_when(book.reset_at)}; free from "
+            f"{_when(slot.free_at)} (or lease revoke {slot.key_id})"
+        )
+    if slot.status == "unconfigured":
+        return "not in [leases.anthropic] keys"
+    if record is None:
+        return "never leased"
+    if record.state is PoolState.ACTIVE:
+        if record.holder == "new":
+            return "lease new: until its runs settle"
+        if record.ended_at is not None:
+            return f"command exited {_when(record.ended_at)}; until its runs settle"
+        return f"lease exec pid {record.pid}, renewed {_when(record.renewed_at)}"
+    released = f"{record.release_reason} {_when(record.released_at)}"
+    if slot.status == "cooling":
+        return f"{released}; free from {_when(record.free_at)}"
+    return f"last lease {released}"
+
+
+def _slot_json(slot: PoolSlot) -> dict[str, object]:
+    return {
+        "provider": "anthropic",
+        "key_id": slot.key_id,
+        "workspace_id": slot.workspace_id,
+        "status": slot.status,
+        "free_at": _when(slot.free_at) if slot.free_at is not None else None,
+        "lease": slot.record.to_json() if slot.record is not None else None,
+    }
+
+
 def _list(args: argparse.Namespace) -> int:
     from tokensettle.render import table  # noqa: PLC0415 - render imports reconcile
 
-    _, store = _setup(args)
+    settings, store = _setup(args)
     now = datetime.now(UTC)
     book = _book(store)
+    slots = _pool_slots(settings, book, now)
     if args.json:
         _emit(
             json.dumps(
@@ -536,15 +826,20 @@ def _list(args: argparse.Namespace) -> int:
                     "state_dir": str(store.state_dir),
                     "service_accounts": [a.to_json() for a in book.service_accounts],
                     "leases": [
-                        {**lease.to_json(), "state": effective_state(lease, now).value}
+                        {
+                            **lease.to_json(),
+                            "provider": "openai",
+                            "state": effective_state(lease, now).value,
+                        }
                         for lease in book.leases
                     ],
+                    "pool": [_slot_json(slot) for slot in slots],
                 },
                 indent=2,
             )
         )
         return EXIT_OK
-    if not book.leases:
+    if not book.leases and not slots:
         _emit(f"no leases in {store.path}")
         return EXIT_OK
     rows = []
@@ -561,6 +856,7 @@ def _list(args: argparse.Namespace) -> int:
         rows.append(
             [
                 lease.key_id,
+                "openai",
                 state.value,
                 lease.framework or "-",
                 lease.run_dir or "-",
@@ -569,7 +865,21 @@ def _list(args: argparse.Namespace) -> int:
                 note,
             ]
         )
-    head = ["KEY", "STATE", "FRAMEWORK", "RUN DIR", "CREATED", "EXPIRES", "NOTE"]
+    for slot in slots:
+        record = slot.record
+        rows.append(
+            [
+                slot.key_id,
+                "anthropic",
+                _POOL_STATE.get(slot.status, slot.status),
+                (record.framework if record is not None else None) or "-",
+                (record.run_dir if record is not None else None) or "-",
+                _when(record.created_at) if record is not None else "-",
+                _when(record.expires_at) if record is not None else "-",
+                _pool_note(slot, book),
+            ]
+        )
+    head = ["KEY", "PROVIDER", "STATE", "FRAMEWORK", "RUN DIR", "CREATED", "EXPIRES", "NOTE"]
     _emit(table(head, rows))
     return EXIT_OK
 
@@ -579,15 +889,18 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _select(
-    args: argparse.Namespace, settings: Settings, leases: Sequence[Lease], now: datetime
+    args: argparse.Namespace,
+    key_ids: Sequence[str],
+    settings: Settings,
+    leases: Sequence[Lease],
+    now: datetime,
 ) -> tuple[list[Lease], list[str]]:
-    """The leases to delete, and notes about the ones skipped."""
-    if not (args.key_ids or args.settled or args.expired):
-        raise LeaseProblem("revoke: name KEY_IDs, or --settled and/or --expired")
+    """The minted leases to delete (of `key_ids` and the flags), and notes about the
+    ones skipped."""
     chosen: dict[str, Lease] = {}
     notes: list[str] = []
     by_id = {lease.key_id: lease for lease in leases}
-    for key_id in args.key_ids:
+    for key_id in key_ids:
         lease = by_id.get(key_id)
         if lease is None:
             # Not recorded (a lost leases.json): the run's declaration named it; delete it
@@ -612,20 +925,46 @@ def _outcome_line(outcome: RevokeOutcome) -> str:
     return f"{outcome.key_id}: not revoked: {outcome.error}"
 
 
-async def _revoke(args: argparse.Namespace) -> int:
-    bad = [k for k in args.key_ids if not re.fullmatch(r"key_[A-Za-z0-9_-]+", k)]
-    if bad:
-        raise LeaseProblem(f"revoke: {bad[0][:64]!r} is not a key id (key_...)")
-    settings, store = _setup(args)
+def _release_pool(args: argparse.Namespace, settings: Settings, store: LeaseStore) -> list[bool]:
+    """`revoke apikey_...` and `--expired` for the pool: release (no API call). Prints a
+    line per key; one entry per key named or released, False where it was refused."""
     now = datetime.now(UTC)
-    book = _book(store)
-    chosen, notes = _select(args, settings, book.leases, now)
+    done: list[bool] = []
+    for key_id in args.key_ids:
+        if ANTHROPIC_KEY_ID_PATTERN.fullmatch(key_id):
+            result = release_by_hand(
+                store, settings.leases.anthropic, key_id, now, settings.window_grace
+            )
+            _emit(result.line)
+            done.append(not result.refused)
+    if args.expired:
+        before = _book(store).pool
+        after = store.update(lambda book: expire_due(book, now, settings.window_grace))
+        for record in after.pool:
+            if record.release_reason == "expired" and record not in before:
+                _emit(f"{record.key_id}: expired, released; free from {_when(record.free_at)}")
+                done.append(True)
+    return done
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    ids = (KEY_ID_PATTERN, ANTHROPIC_KEY_ID_PATTERN)
+    bad = [k for k in args.key_ids if not any(p.fullmatch(k) for p in ids)]
+    if bad:
+        raise LeaseProblem(f"revoke: {bad[0][:64]!r} is not a key id (key_... or apikey_...)")
+    if not (args.key_ids or args.settled or args.expired):
+        raise LeaseProblem("revoke: name KEY_IDs, or --settled and/or --expired")
+    settings, store = _setup(args)
+    pool = _release_pool(args, settings, store)
+    now = datetime.now(UTC)
+    minted = [k for k in args.key_ids if KEY_ID_PATTERN.fullmatch(k)]
+    chosen, notes = _select(args, minted, settings, _book(store).leases, now)
     for note in notes:
         _emit(note)
     if not chosen:
-        if not notes:
+        if not notes and not pool:
             _emit("nothing to revoke")
-        return EXIT_OK
+        return EXIT_OK if all(pool) else EXIT_FAILED
     async with aiohttp.ClientSession() as session:
         client = admin_client(settings, session)
         outcomes = await revoke(store, client, chosen, now, policy=_policy(settings))
@@ -634,7 +973,7 @@ async def _revoke(args: argparse.Namespace) -> int:
     if any(o.auth_error for o in outcomes):
         sys.stderr.write(f"{_PROG}: {_AUTH_HINT}\n")
         return EXIT_AUTH
-    return EXIT_OK if all(o.revoked for o in outcomes) else EXIT_FAILED
+    return EXIT_OK if all(pool) and all(o.revoked for o in outcomes) else EXIT_FAILED
 
 
 # --------------------------------------------------------------------------------------

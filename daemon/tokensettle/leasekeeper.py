@@ -1,10 +1,16 @@
-"""The lease room: leased keys are deleted once every run that declares them is settled.
+"""The lease room: leased keys are deleted once every run that declares them is settled,
+and pool keys go back to their pool.
 
 A key is settled when the runs declaring it (through their `usage_scope` lease) are all
 `verified`, `ambiguous` or `expired`, and no unsettled run declares it. The daemon asks
 after each poll round, `reconcile` after its batch; `leases.revoke_due` does the deletes
 with backoff. A failed delete never blocks settling: it counts in `/metrics` and shows in
 `/healthz` (`revoke`) until the same key is deleted; a refused admin key shows as such.
+
+A pool lease (Anthropic, `"pool": true`) is one of many leases of its key, so it is told
+apart by `(key_id, created_at)`, and it is released, not deleted (`pool.release_due`, no
+API call, so no admin key is needed). The runs' recorded ends go with it when known:
+they decide when the key may serve the next run (`pool.free_after`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,15 @@ import structlog
 from tokensettle.admin_api import AdminClient, client_for
 from tokensettle.config import Settings
 from tokensettle.health import Faults
-from tokensettle.leases import LeaseStore, LeaseStoreError, RevokeOutcome, RevokePolicy, revoke_due
+from tokensettle.leases import (
+    LeaseStore,
+    LeaseStoreError,
+    PoolLease,
+    RevokeOutcome,
+    RevokePolicy,
+    revoke_due,
+)
+from tokensettle.pool import release_due
 from tokensettle.runfile import RunRecord
 from tokensettle.stability import TERMINAL
 from tokensettle.usage_scope import LeaseDeclaration
@@ -31,13 +45,21 @@ SETTLED = frozenset(s.value for s in TERMINAL)
 
 @dataclass
 class LeasedRuns:
-    """Which leased keys the runs in view declare, settled or not."""
+    """Which leased keys the runs in view declare, settled or not; for pool leases, by
+    lease `(key_id, created_at)`, with the settled runs' ends (None: not known)."""
 
     settled: dict[str, LeaseDeclaration] = field(default_factory=dict)
     unsettled: set[str] = field(default_factory=set)
+    pool_settled: dict[tuple[str, datetime], list[datetime | None]] = field(default_factory=dict)
+    pool_unsettled: set[tuple[str, datetime]] = field(default_factory=set)
 
-    def add(self, lease: LeaseDeclaration, status: str | None) -> None:
-        if status in SETTLED:
+    def add(self, lease: LeaseDeclaration, status: str | None, end: datetime | None = None) -> None:
+        if lease.pool:
+            if status in SETTLED:
+                self.pool_settled.setdefault(lease.identity, []).append(end)
+            else:
+                self.pool_unsettled.add(lease.identity)
+        elif status in SETTLED:
             self.settled.setdefault(lease.key_id, lease)
         else:
             self.unsettled.add(lease.key_id)
@@ -45,7 +67,8 @@ class LeasedRuns:
     def add_record(self, record: RunRecord) -> None:
         declared = record.declared
         if declared is not None and declared.lease is not None:
-            self.add(declared.lease, record.status.value if record.status else None)
+            status = record.status.value if record.status else None
+            self.add(declared.lease, status, record.end)
 
     @property
     def settled_keys(self) -> set[str]:
@@ -75,26 +98,35 @@ class LeaseKeeper:
         self.client = client
         self.faults = faults
         self.on_outcome = on_outcome
+        #: the pool leases the last `revoke` released
+        self.released: list[PoolLease] = []
 
     @property
     def store(self) -> LeaseStore:
         return LeaseStore(self._settings().state_dir)
 
     async def revoke(self, runs: LeasedRuns, now: datetime) -> list[RevokeOutcome]:
-        """Delete the keys of `runs` that are settled and due. Never raises."""
+        """Release the pool leases of `runs` that are settled (or past their TTL), then
+        delete the minted keys that are settled and due. Never raises. Returns the
+        deletes tried; the pool leases released are in `released` (and logged as
+        `lease.released`). A pool needs no admin key: it is released without one."""
         settings = self._settings()
-        if self.client is None:
-            return []
+        store = self.store
+        outcomes: list[RevokeOutcome] = []
         try:
-            outcomes = await revoke_due(
-                self.store,
-                self.client,
-                runs.settled_keys,
-                now,
-                policy=RevokePolicy.from_settings(settings),
-                declared=runs.declarations,
-                lease_project=settings.lease_project,
+            self.released = await release_due(
+                store, runs.pool_settled, runs.pool_unsettled, now, settings.window_grace
             )
+            if self.client is not None:
+                outcomes = await revoke_due(
+                    store,
+                    self.client,
+                    runs.settled_keys,
+                    now,
+                    policy=RevokePolicy.from_settings(settings),
+                    declared=runs.declarations,
+                    lease_project=settings.lease_project,
+                )
         except LeaseStoreError as exc:
             log.warning("lease.store_failed", error=str(exc))
             if self.faults is not None:

@@ -3,7 +3,9 @@
 A lease is a service-account key minted for one run in the configured lease project,
 expiring after `LEASE_TTL`. Its record (never its value) lives in `STATE_DIR/leases.json`,
 rewritten atomically under the lock `leases.json.lock`, together with the service account
-the leases are minted for (created once with `create_service_account_only`).
+the leases are minted for (created once with `create_service_account_only`). The same
+book holds one `PoolLease` per Anthropic pool key (its current or last lease); the pool's
+rules are in `tokensettle.pool`.
 
 States, and the pure functions that move between them:
 
@@ -55,6 +57,8 @@ __all__ = [
     "LeaseState",
     "LeaseStore",
     "LeaseStoreError",
+    "PoolLease",
+    "PoolState",
     "RevokeOutcome",
     "RevokePolicy",
     "ServiceAccountRecord",
@@ -87,6 +91,11 @@ class LeaseState(StrEnum):
     SETTLED = "settled"
     REVOKED = "revoked"
     EXPIRED = "expired"
+
+
+class PoolState(StrEnum):
+    ACTIVE = "active"  # held by one run
+    RELEASED = "released"  # back in the pool, handed out again from `free_at`
 
 
 class LeaseStoreError(Exception):
@@ -184,6 +193,84 @@ class Lease:
         )
 
 
+def _opt_int(value: object, what: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{what} is not an integer")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLease:
+    """A pool key's current lease, or its last one once released (one record per key,
+    so a key is never recorded as held twice). There is no field for the value."""
+
+    key_id: str
+    workspace_id: str | None
+    #: the lease's start and its identity in run declarations (whole seconds)
+    created_at: datetime
+    #: the crash bound: created_at + TTL, renewed while `lease exec` runs
+    expires_at: datetime
+    framework: str | None = None
+    run_dir: str | None = None
+    #: "exec" (a `lease exec` process holds it and renews it) or "new" (a runner does)
+    holder: str = "exec"
+    pid: int | None = None
+    renewed_at: datetime | None = None
+    #: when `lease exec`'s command exited (the key's last possible use by it)
+    ended_at: datetime | None = None
+    state: PoolState = PoolState.ACTIVE
+    released_at: datetime | None = None
+    #: settled | expired | revoked (by hand) | no_run (exited without a run file) | unused
+    release_reason: str | None = None
+    #: when the key may be handed out again (see pool.free_after)
+    free_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "workspace_id": self.workspace_id,
+            "framework": self.framework,
+            "run_dir": self.run_dir,
+            "holder": self.holder,
+            "pid": self.pid,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+            "renewed_at": _iso(self.renewed_at),
+            "ended_at": _iso(self.ended_at),
+            "state": self.state.value,
+            "released_at": _iso(self.released_at),
+            "release_reason": self.release_reason,
+            "free_at": _iso(self.free_at),
+        }
+
+    @staticmethod
+    def from_json(obj: object) -> PoolLease:
+        """Raises ValueError (or KeyError/TypeError) on a record that is not one."""
+        if not isinstance(obj, dict):
+            raise ValueError("a pool lease record is not an object")
+        if not isinstance(obj["key_id"], str):
+            raise ValueError("key_id must be a string")
+        holder = obj.get("holder", "exec")
+        if holder not in ("exec", "new"):
+            raise ValueError("holder must be 'exec' or 'new'")
+        return PoolLease(
+            key_id=obj["key_id"],
+            workspace_id=_opt_str(obj.get("workspace_id"), "workspace_id"),
+            created_at=_time(obj["created_at"], "created_at"),
+            expires_at=_time(obj["expires_at"], "expires_at"),
+            framework=_opt_str(obj.get("framework"), "framework"),
+            run_dir=_opt_str(obj.get("run_dir"), "run_dir"),
+            holder=holder,
+            pid=_opt_int(obj.get("pid"), "pid"),
+            renewed_at=_opt_time(obj.get("renewed_at"), "renewed_at"),
+            ended_at=_opt_time(obj.get("ended_at"), "ended_at"),
+            state=PoolState(obj.get("state", "active")),
+            released_at=_opt_time(obj.get("released_at"), "released_at"),
+            release_reason=_opt_str(obj.get("release_reason"), "release_reason"),
+            free_at=_opt_time(obj.get("free_at"), "free_at"),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceAccountRecord:
     """The service account leases of a project are minted for."""
@@ -226,6 +313,11 @@ class LeaseBook:
 
     leases: tuple[Lease, ...] = ()
     service_accounts: tuple[ServiceAccountRecord, ...] = ()
+    #: one record per pool key that was ever leased (sorted by key id)
+    pool: tuple[PoolLease, ...] = ()
+    #: when a damaged book was set aside and this one started empty: which pool keys
+    #: were held is unknown since then (pool.PoolView holds unrecorded keys for a TTL)
+    reset_at: datetime | None = None
 
     def get(self, key_id: str) -> Lease | None:
         return next((lease for lease in self.leases if lease.key_id == key_id), None)
@@ -235,6 +327,14 @@ class LeaseBook:
         others = tuple(x for x in self.leases if x.key_id != lease.key_id)
         ordered = sorted((*others, lease), key=lambda x: (x.created_at, x.key_id))
         return replace(self, leases=tuple(ordered))
+
+    def pool_lease(self, key_id: str) -> PoolLease | None:
+        return next((x for x in self.pool if x.key_id == key_id), None)
+
+    def with_pool_lease(self, record: PoolLease) -> LeaseBook:
+        """The book with `record` as its key's record (replacing the previous one)."""
+        others = tuple(x for x in self.pool if x.key_id != record.key_id)
+        return replace(self, pool=tuple(sorted((*others, record), key=lambda x: x.key_id)))
 
     def service_account_for(self, project_id: str) -> ServiceAccountRecord | None:
         return next((a for a in self.service_accounts if a.project_id == project_id), None)
@@ -252,24 +352,34 @@ class LeaseBook:
         return replace(self, service_accounts=kept)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": _VERSION,
             "service_accounts": [a.to_json() for a in self.service_accounts],
             "leases": [lease.to_json() for lease in self.leases],
+            "pool": [record.to_json() for record in self.pool],
         }
+        if self.reset_at is not None:
+            out["reset_at"] = _iso(self.reset_at)
+        return out
 
     @staticmethod
     def from_json(obj: object) -> LeaseBook:
         if not isinstance(obj, dict) or obj.get("version") != _VERSION:
             raise ValueError(f"not a version {_VERSION} lease book")
         leases, accounts = obj.get("leases", []), obj.get("service_accounts", [])
+        pool = obj.get("pool", [])
         if not isinstance(leases, list) or not isinstance(accounts, list):
             raise ValueError("'leases' and 'service_accounts' must be lists")
+        if not isinstance(pool, list):
+            raise ValueError("'pool' must be a list")
         book = LeaseBook(
-            service_accounts=tuple(ServiceAccountRecord.from_json(a) for a in accounts)
+            service_accounts=tuple(ServiceAccountRecord.from_json(a) for a in accounts),
+            reset_at=_opt_time(obj.get("reset_at"), "reset_at"),
         )
         for raw in leases:
             book = book.with_lease(Lease.from_json(raw))
+        for raw in pool:
+            book = book.with_pool_lease(PoolLease.from_json(raw))
         return book
 
 
@@ -440,19 +550,22 @@ class LeaseStore:
 
     def load_or_set_aside(self) -> LeaseBook:
         """Under the lock: the book, or a fresh one after moving a damaged file aside
-        (kept for a human as `leases.json.damaged-<time>`; the leases it named expire)."""
+        (kept for a human as `leases.json.damaged-<time>`; the leases it named expire).
+        The fresh book records `reset_at`, so pool keys it does not know are not handed
+        out as if free (which of them were held is unknown)."""
         try:
             return self.load()
         except LeaseStoreError as exc:
             if not self.path.exists():
                 raise
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            now = datetime.now(UTC)
+            stamp = now.strftime("%Y%m%dT%H%M%S")
             aside = self.path.with_name(f"{LEASES_FILE}.damaged-{stamp}")
             os.replace(self.path, aside)
             log.warning(
                 "lease.store_damaged", path=str(self.path), moved_to=str(aside), error=str(exc)
             )
-            return LeaseBook()
+            return LeaseBook(reset_at=now.replace(microsecond=0))
 
     def save(self, book: LeaseBook) -> None:
         """Write the book atomically (call under `locked()`)."""
@@ -463,11 +576,13 @@ class LeaseStore:
             raise LeaseStoreError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 
     def update(self, change: Callable[[LeaseBook], LeaseBook]) -> LeaseBook:
-        """Under the lock: read, apply `change`, write when it changed anything."""
+        """Under the lock: read, apply `change`, write when it changed anything (or the
+        book was set aside just now: its `reset_at` must outlive this call)."""
         with self.locked():
             book = self.load_or_set_aside()
             new = change(book)
-            if new != book:
+            set_aside = book.reset_at is not None and not self.path.exists()
+            if new != book or set_aside:
                 self.save(new)
             return new
 
@@ -708,10 +823,16 @@ async def revoke_due(
 
     `declared`: the `lease` objects of settled runs' declarations. One whose key the store
     does not know (a lost `leases.json`) is adopted as a settled lease when its project is
-    `lease_project`, so its key is still deleted; other projects are never touched.
+    `lease_project`, so its key is still deleted; other projects are never touched, and
+    neither are pool leases (their keys are released by `pool.release_due`, never deleted).
     """
     settled = frozenset(settled_key_ids)
-    adoptable = [d for d in declared if d.project_id == lease_project and d.key_id in settled]
+    adoptable = [
+        d
+        for d in declared
+        if not d.pool and d.project_id is not None and d.project_id == lease_project
+        if d.key_id in settled
+    ]
     try:
         current = await asyncio.to_thread(store.load)
     except LeaseStoreError:
@@ -722,7 +843,7 @@ async def revoke_due(
 
     def mark(book: LeaseBook) -> LeaseBook:
         for decl in adoptable:
-            if book.get(decl.key_id) is None:
+            if book.get(decl.key_id) is None and decl.project_id is not None:
                 adopted = Lease(
                     key_id=decl.key_id,
                     project_id=decl.project_id,

@@ -49,6 +49,39 @@ class _Installed:
 _installed = _Installed()
 
 
+class LineSink:
+    """One stream, one lock, one `write` per line, shared by structlog and the stdlib
+    handler. structlog's PrintLogger writes a message and its newline in two calls under a
+    lock of its own, so a library record written between them by the stdlib handler
+    glued two lines into one that was not JSON (seen under a kill loop)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.RLock()
+
+    def msg(self, message: str) -> None:
+        with self.lock:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = failure = msg
+
+
+class _SinkHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stdlib side of a `LineSink`: same lock, same single write per line."""
+
+    def __init__(self, sink: LineSink) -> None:
+        super().__init__(sink.stream)
+        self.sink = sink
+        self.lock = sink.lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.msg(self.format(record))
+        except Exception:  # logging must not raise into the caller
+            self.handleError(record)
+
+
 def redactor(secrets: Iterable[str]) -> structlog.types.Processor:
     values = [s for s in secrets if s]
 
@@ -197,13 +230,16 @@ def _unraisable(args: Any) -> None:
 
 
 def _route_stdlib(
-    out: TextIO, level: int, renderer: structlog.types.Processor, redact: structlog.types.Processor
+    sink: LineSink,
+    level: int,
+    renderer: structlog.types.Processor,
+    redact: structlog.types.Processor,
 ) -> None:
     """Library records, warnings and escaped exceptions -> the same renderer and stream."""
     root = logging.getLogger()
     if _installed.handler is not None:
         root.removeHandler(_installed.handler)
-    handler = logging.StreamHandler(out)
+    handler = _SinkHandler(sink)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
@@ -247,6 +283,7 @@ def configure(
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
     redact = redactor(secrets)
+    sink = LineSink(out)
     numeric = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
         processors=[
@@ -258,10 +295,10 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=lambda *_args: sink,
         cache_logger_on_first_use=False,
     )
-    _route_stdlib(out, numeric, renderer, redact)
+    _route_stdlib(sink, numeric, renderer, redact)
     _installed.json = not console
 
 

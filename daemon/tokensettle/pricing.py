@@ -17,20 +17,28 @@ reported as such.
   library prices each token at the most specific price the model has:
 
   =========================  ===============================================================
-  genai-prices               from our Usage (OpenAI Usage API fields)
+  genai-prices               from our Usage (the normalised schema, `usage` module)
   =========================  ===============================================================
   input_tokens               input_tokens (already includes cached and cache-write tokens)
   cache_read_tokens          input_cached_tokens
   cache_write_tokens         input_cache_write_tokens
+  cache_write_5m_tokens      input_cache_write_5m_tokens (Anthropic)
+  cache_write_1h_tokens      input_cache_write_1h_tokens (Anthropic)
   output_tokens              output_tokens
   input_<m>_tokens           input_<m>_tokens + input_cached_<m>_tokens (m = text/audio/image;
                              OpenAI's per-modality input fields are *uncached* only)
   cache_<m>_read_tokens      input_cached_<m>_tokens
   output_<m>_tokens          output_<m>_tokens
+  web_searches               web_search_requests (Anthropic's server tool; priced per 1,000)
   =========================  ===============================================================
 
   Absent optional fields are not passed (genai-prices then treats them as 0, or refuses when
-  the model prices a split the data does not carry, which gives `Unpriced`).
+  the model prices a split the data does not carry, which gives `Unpriced`). Claude models
+  price cache writes kept 1 hour above those kept 5 minutes; the table gives the 5-minute
+  price as the plain cache-write price, which genai-prices applies to the writes left once
+  the 1-hour ones are priced.
+* The provider (`provider_id`, "openai" by default, "anthropic" for Claude) selects the
+  table the model is looked up in: the scope's provider, never a guess from the name.
 * Standard tier unless told: a run's usage rows are not grouped by `service_tier`/`batch`,
   so a run is priced at standard prices. The bill check's daily rows are, and pass a
   *price context* (`price_context(service_tier, batch)`: `{"processing": "batch"}`,
@@ -40,7 +48,8 @@ reported as such.
 * The Usage API sums many requests. Prices that depend on one request's size (tiers above a
   prompt length) are exact only when the whole usage stays below the first tier or is one
   request; otherwise the model is `Unpriced` rather than priced at a guessed tier. The same
-  holds for per-request prices.
+  holds for per-request prices. Usage that counts no requests (Anthropic's) is exact below
+  the first tier only: no request can have passed it; above it, which did is unknown.
 
 A model the table does not know, or usage it cannot price, is `Unpriced(model, reason)`:
 never a zero price.
@@ -98,6 +107,7 @@ _COMPONENT_NAMES: dict[str, str] = {
     "cache_write_tokens": "cache_write",
     "output_tokens": "output",
     "requests": "requests",
+    "web_searches": "web_search",
 }
 #: components shown even when zero (the ones the seed's cost_breakdown has)
 _ALWAYS_SHOWN = frozenset({"uncached_input", "cached_input", "output"})
@@ -228,6 +238,12 @@ def genai_usage_values(usage: Usage) -> dict[str, int]:
         values["cache_read_tokens"] = usage.input_cached_tokens
     if usage.input_cache_write_tokens is not None:
         values["cache_write_tokens"] = usage.input_cache_write_tokens
+    if usage.input_cache_write_5m_tokens is not None:
+        values["cache_write_5m_tokens"] = usage.input_cache_write_5m_tokens
+    if usage.input_cache_write_1h_tokens is not None:
+        values["cache_write_1h_tokens"] = usage.input_cache_write_1h_tokens
+    if usage.web_search_requests is not None:
+        values["web_searches"] = usage.web_search_requests
     for modality in ("text", "audio", "image"):
         uncached: int | None = getattr(usage, f"input_{modality}_tokens")
         cached: int | None = getattr(usage, f"input_cached_{modality}_tokens")
@@ -265,23 +281,32 @@ def _size_dependent(
     units: list[tuple[UnitDef, Decimal | TieredPrices]], usage: Usage, model: str
 ) -> Unpriced | None:
     """Prices genai-prices computes per request, which summed usage cannot reproduce."""
-    if usage.num_model_requests > 1:
+    counted = usage.requests_counted
+    if usage.num_model_requests > 1 or not counted:
         starts = [
             t.start for _, p in units if isinstance(p, TieredPrices) and p.tiers for t in p.tiers
         ]
         if starts and usage.input_tokens > min(starts):
+            over = (
+                f"over {usage.num_model_requests:,} requests"
+                if counted
+                else "in usage data that counts no requests"
+            )
             return Unpriced(
                 model,
                 f"{model} has prices tiered by prompt size (from {min(starts):,} input tokens "
-                f"per request); {usage.input_tokens:,} input tokens over "
-                f"{usage.num_model_requests:,} requests cannot tell which requests passed it",
+                f"per request); {usage.input_tokens:,} input tokens {over} cannot tell which "
+                "requests passed it",
                 "tiered_price",
             )
-    if usage.num_model_requests != 1 and any(u.usage_key == "requests" for u, _ in units):
+    if (usage.num_model_requests != 1 or not counted) and any(
+        u.usage_key == "requests" for u, _ in units
+    ):
+        holds = f"{usage.num_model_requests:,}" if counted else "an uncounted number"
         return Unpriced(
             model,
             f"{model} has a per-request price, which genai-prices applies to one request; "
-            f"the usage holds {usage.num_model_requests:,}",
+            f"the usage holds {holds}",
             "per_request_price",
         )
     return None
@@ -553,7 +578,8 @@ class RunCost:
         """Values for the seed's `cost_breakdown` keys, or None if the cost is incomplete.
 
         `uncached_input_cost` is every input token not billed at a cache rate (cache-write
-        and modality components included), as the seed's formula meant it."""
+        and modality components included), as the seed's formula meant it; server tool
+        calls (web searches) are in none of the three token costs, only in the total."""
         if not self.complete:
             return None
         comps = self.components()
@@ -562,7 +588,17 @@ class RunCost:
             (v for k, v in comps.items() if k == "output" or k.startswith("output_")),
             Decimal(0),
         )
-        uncached = self.total_usd - cached - output
+        # server tool calls (web searches) are neither input nor output tokens
+        tools = sum(
+            (
+                c.usd
+                for p in self.priced.values()
+                for c in p.components
+                if _REGISTRY.units[c.usage_key].dimensions.get("family") == "tool_calls"
+            ),
+            Decimal(0),
+        )
+        uncached = self.total_usd - cached - output - tools
         models = sorted(self.priced)
         return {
             "uncached_input_cost": _money(uncached),

@@ -1,8 +1,28 @@
-"""Token counts as the Usage API reports them, and the rows that carry them.
+"""Token counts as the providers' usage reports give them, and the rows that carry them.
 
 `Usage` is an exact, additive bag of integer counters. The three fields the API always
 sends are plain ints; every other field is optional (`None` = the data did not carry it),
 because the field set has changed over time and old buckets lack the breakdown.
+
+One normalised schema serves both providers (docs/decisions.md, "Anthropic"). Its names
+are OpenAI's, and `input_tokens` is *all* input, cached and cache-written tokens included,
+as OpenAI reports it. Anthropic reports input disjointly; `usage_from_anthropic` adds it up:
+
+=============================  ==========================================================
+Usage                          from an Anthropic usage report result
+=============================  ==========================================================
+input_tokens                   uncached_input_tokens + cache_read_input_tokens
+                               + cache_creation.ephemeral_5m_input_tokens
+                               + cache_creation.ephemeral_1h_input_tokens
+input_uncached_tokens          uncached_input_tokens
+input_cached_tokens            cache_read_input_tokens
+input_cache_write_tokens       ephemeral_5m_input_tokens + ephemeral_1h_input_tokens
+input_cache_write_5m_tokens    cache_creation.ephemeral_5m_input_tokens
+input_cache_write_1h_tokens    cache_creation.ephemeral_1h_input_tokens
+output_tokens                  output_tokens
+web_search_requests            server_tool_use.web_search_requests (absent: not carried)
+num_model_requests             0, with `requests_counted` False: the report has no count
+=============================  ==========================================================
 
 A counter the provider sends is data only when it is plausible: see `implausibility` and
 the bounds below (docs/decisions.md, "HTTP client"). Anything beyond them is a malformed
@@ -14,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 REQUIRED_FIELDS: tuple[str, ...] = ("input_tokens", "output_tokens", "num_model_requests")
@@ -39,9 +60,49 @@ SDK_OPTIONAL_FIELDS: tuple[str, ...] = (
     "input_cache_write_30m_tokens",
     "input_cache_write_12h_tokens",
 )
-ALL_OPTIONAL_FIELDS: tuple[str, ...] = OPTIONAL_FIELDS + SDK_OPTIONAL_FIELDS
+#: What an OpenAI completions result may carry beyond the required fields.
+OPENAI_OPTIONAL_FIELDS: tuple[str, ...] = OPTIONAL_FIELDS + SDK_OPTIONAL_FIELDS
+#: Optional fields only Anthropic's usage report fills: cache writes by their time to live
+#: (together `input_cache_write_tokens`) and the server tool's web searches (a count of
+#: searches, not tokens; priced per search).
+ANTHROPIC_OPTIONAL_FIELDS: tuple[str, ...] = (
+    "input_cache_write_5m_tokens",
+    "input_cache_write_1h_tokens",
+    "web_search_requests",
+)
+ALL_OPTIONAL_FIELDS: tuple[str, ...] = OPENAI_OPTIONAL_FIELDS + ANTHROPIC_OPTIONAL_FIELDS
+#: The optional fields each provider's usage data can carry: what a breakdown lists as
+#: "not carried" when absent (a field a provider never reports is not news).
+PROVIDER_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "openai": OPENAI_OPTIONAL_FIELDS,
+        "anthropic": (
+            "input_cached_tokens",
+            "input_cache_write_tokens",
+            "input_uncached_tokens",
+            *ANTHROPIC_OPTIONAL_FIELDS,
+        ),
+    }
+)
 ALL_FIELDS: tuple[str, ...] = REQUIRED_FIELDS + ALL_OPTIONAL_FIELDS
 DIMENSIONS: tuple[str, ...] = ("api_key_id", "project_id", "model")
+#: `Usage.requests_counted` in `present()` and `from_fields` (written only when False).
+REQUESTS_COUNTED = "requests_counted"
+#: Whether a provider's usage data counts model requests. Anthropic's usage report does
+#: not: its runs have no provider request count, and API_CALLS must not be written from it.
+PROVIDER_COUNTS_REQUESTS: Mapping[str, bool] = MappingProxyType(
+    {"openai": True, "anthropic": False}
+)
+
+
+def counts_requests(provider: str) -> bool:
+    """Whether usage data of `provider` carries a model-request count (unknown: no)."""
+    return PROVIDER_COUNTS_REQUESTS.get(provider, False)
+
+
+def provider_fields(provider: str) -> tuple[str, ...]:
+    """The optional fields `provider`'s usage data can carry (unknown: all of them)."""
+    return PROVIDER_FIELDS.get(provider, ALL_OPTIONAL_FIELDS)
 
 
 def _add_optional(a: int | None, b: int | None) -> int | None:
@@ -54,7 +115,15 @@ def _add_optional(a: int | None, b: int | None) -> int | None:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Counters for some set of model requests. Addition is exact and associative."""
+    """Counters for some set of model requests. Addition is exact and associative.
+
+    `requests_counted` is False when the data behind it does not count model requests
+    (Anthropic's usage report): `num_model_requests` is then 0 and means "not reported",
+    never "no requests". A sum is counted only when every part was (False wins), so an
+    uncounted part can never hide in a total; the empty Usage() is counted, being the
+    identity of addition. Whether a *provider* counts requests at all, whatever a
+    particular total says (an empty share), is `counts_requests(provider)`.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -73,6 +142,10 @@ class Usage:
     output_image_tokens: int | None = None
     input_cache_write_30m_tokens: int | None = None
     input_cache_write_12h_tokens: int | None = None
+    input_cache_write_5m_tokens: int | None = None
+    input_cache_write_1h_tokens: int | None = None
+    web_search_requests: int | None = None
+    requests_counted: bool = True
 
     def __add__(self, other: Usage) -> Usage:
         values: dict[str, int | None] = {}
@@ -80,7 +153,8 @@ class Usage:
             values[name] = getattr(self, name) + getattr(other, name)
         for name in ALL_OPTIONAL_FIELDS:
             values[name] = _add_optional(getattr(self, name), getattr(other, name))
-        return Usage(**values)  # type: ignore[arg-type]
+        counted = self.requests_counted and other.requests_counted
+        return Usage(**values, requests_counted=counted)  # type: ignore[arg-type]
 
     @property
     def cached_tokens(self) -> int:
@@ -96,12 +170,16 @@ class Usage:
         return self.input_tokens == 0 and self.output_tokens == 0 and self.num_model_requests == 0
 
     def present(self) -> dict[str, int]:
-        """The fields this usage carries (required ones always), for JSON output."""
+        """The fields this usage carries (required ones always), for JSON output; and
+        `"requests_counted": false` when requests are not counted (never written when they
+        are, so OpenAI's output is as it was)."""
         out: dict[str, int] = {}
         for name in ALL_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
+        if not self.requests_counted:
+            out[REQUESTS_COUNTED] = False
         return out
 
     def replace(self, **changes: int | None) -> Usage:
@@ -109,7 +187,13 @@ class Usage:
 
     @staticmethod
     def from_fields(values: Mapping[str, int | None]) -> Usage:
-        return Usage(**{k: v for k, v in values.items() if k in ALL_FIELDS})  # type: ignore[arg-type]
+        """The inverse of `present()`: counters by name (unknown names ignored), and
+        `requests_counted` when the mapping has it."""
+        kept: dict[str, Any] = {k: v for k, v in values.items() if k in ALL_FIELDS}
+        counted = values.get(REQUESTS_COUNTED)
+        if counted is not None:
+            kept[REQUESTS_COUNTED] = bool(counted)
+        return Usage(**kept)
 
     @staticmethod
     def total(items: Iterable[Usage]) -> Usage:
@@ -141,6 +225,11 @@ MAX_TOKENS_PER_MINUTE = 100_000_000_000
 MAX_REQUESTS_PER_MINUTE = 300_000_000
 
 
+#: Counters of calls rather than tokens, bounded like model requests (a web search is one
+#: call of a server tool, a few per model request at most).
+_REQUEST_COUNTERS: frozenset[str] = frozenset({"num_model_requests", "web_search_requests"})
+
+
 def _show(value: float) -> str:
     """A count for a message; huge ones as a power of ten (never a float conversion,
     which overflows past 1e308)."""
@@ -154,8 +243,9 @@ def implausibility(usage: Usage, *, bucket_seconds: int = 60) -> str | None:
     """Why `usage` (one result of a bucket `bucket_seconds` wide) cannot be real, or None.
 
     Checked: every counter fits a signed 64-bit integer; tokens (input + output, and each
-    token counter alone) and requests per minute of the bucket; tokens per request where
-    the result counts requests (tokens without requests are left to the per-minute bound).
+    token counter alone), requests and web searches per minute of the bucket; tokens per
+    request where the result counts requests (tokens without requests, Anthropic's among
+    them, are left to the per-minute bound).
     """
     minutes = max(1, -(-bucket_seconds // 60))
     per = "minute" if minutes == 1 else f"{minutes} minutes"
@@ -166,7 +256,12 @@ def implausibility(usage: Usage, *, bucket_seconds: int = 60) -> str | None:
             continue
         if value > INT64_MAX:
             return f"{name} ({_show(value)}) does not fit a signed 64-bit integer"
-        if name != "num_model_requests" and value > token_limit:
+        if name == "web_search_requests" and value > MAX_REQUESTS_PER_MINUTE * minutes:
+            return (
+                f"{name} ({_show(value)}) exceeds the plausible "
+                f"{_show(MAX_REQUESTS_PER_MINUTE * minutes)} per {per}"
+            )
+        if name not in _REQUEST_COUNTERS and value > token_limit:
             return f"{name} ({_show(value)}) exceeds the plausible {_show(token_limit)} per {per}"
     tokens = usage.input_tokens + usage.output_tokens
     if tokens > token_limit:
@@ -200,13 +295,108 @@ def _int_field(result: Mapping[str, Any], name: str, *, required: bool) -> int |
 
 
 def usage_from_result(result: Mapping[str, Any]) -> Usage:
-    """Parse one `organization.usage.completions.result` object (unknown keys ignored)."""
+    """Parse one `organization.usage.completions.result` object (unknown keys ignored,
+    Anthropic's field names among them)."""
     values: dict[str, int | None] = {}
     for name in REQUIRED_FIELDS:
         values[name] = _int_field(result, name, required=True)
-    for name in ALL_OPTIONAL_FIELDS:
+    for name in OPENAI_OPTIONAL_FIELDS:
         values[name] = _int_field(result, name, required=False)
     return Usage(**values)  # type: ignore[arg-type]
+
+
+def _object_field(result: Mapping[str, Any], name: str, *, required: bool) -> Mapping[str, Any]:
+    value = result.get(name)
+    if value is None:
+        if required:
+            raise UsageRowError(f"result lacks required object {name!r}")
+        return {}
+    if not isinstance(value, Mapping):
+        raise UsageRowError(f"field {name!r} is {type(value).__name__}, expected object")
+    return value
+
+
+def _counter(
+    result: Mapping[str, Any], name: str, *, within: str | None = None, required: bool = True
+) -> int | None:
+    """A counter of `result` (an object nested as `within`, for the message)."""
+    try:
+        return _int_field(result, name, required=required)
+    except UsageRowError as exc:
+        raise UsageRowError(f"{within}: {exc}" if within else str(exc)) from None
+
+
+def _required_int(result: Mapping[str, Any], name: str, *, within: str | None = None) -> int:
+    value = _counter(result, name, within=within)
+    if value is None:  # pragma: no cover - _int_field raised already
+        raise UsageRowError(f"result lacks required field {name!r}")
+    return value
+
+
+def usage_from_anthropic(result: Mapping[str, Any]) -> Usage:
+    """Parse one result of Anthropic's `GET /v1/organizations/usage_report/messages`
+    (dimension fields and unknown keys ignored) into the normalised schema (module
+    docstring): total input = uncached + cache read + cache writes (5m + 1h).
+
+    Strict, like `usage_from_result`: the four token counts and the `cache_creation`
+    object are required (without them the total input is unknown), every counter must be
+    a non-negative integer (no floats, booleans or strings). `server_tool_use` and its
+    `web_search_requests` may be absent or null (web searches then not carried). The
+    report counts no requests: `num_model_requests` is 0 and `requests_counted` False.
+    """
+    uncached = _required_int(result, "uncached_input_tokens")
+    cache_read = _required_int(result, "cache_read_input_tokens")
+    output = _required_int(result, "output_tokens")
+    creation = _object_field(result, "cache_creation", required=True)
+    write_5m = _required_int(creation, "ephemeral_5m_input_tokens", within="cache_creation")
+    write_1h = _required_int(creation, "ephemeral_1h_input_tokens", within="cache_creation")
+    tools = _object_field(result, "server_tool_use", required=False)
+    web_search = _counter(tools, "web_search_requests", within="server_tool_use", required=False)
+    return Usage(
+        input_tokens=uncached + cache_read + write_5m + write_1h,
+        output_tokens=output,
+        num_model_requests=0,
+        input_cached_tokens=cache_read,
+        input_cache_write_tokens=write_5m + write_1h,
+        input_uncached_tokens=uncached,
+        input_cache_write_5m_tokens=write_5m,
+        input_cache_write_1h_tokens=write_1h,
+        web_search_requests=web_search,
+        requests_counted=False,
+    )
+
+
+def usage_to_anthropic(usage: Usage) -> dict[str, Any]:
+    """The counters of an Anthropic usage report result for `usage` (the inverse of
+    `usage_from_anthropic`, for the simulator). ValueError when `usage` lacks a part
+    Anthropic reports (uncached, cache read, a TTL's writes) or its parts do not add up
+    to its input: there is no Anthropic result that says so."""
+    parts = {
+        "uncached_input_tokens": usage.input_uncached_tokens,
+        "cache_read_input_tokens": usage.input_cached_tokens,
+        "ephemeral_5m_input_tokens": usage.input_cache_write_5m_tokens,
+        "ephemeral_1h_input_tokens": usage.input_cache_write_1h_tokens,
+    }
+    missing = sorted(k for k, v in parts.items() if v is None)
+    if missing:
+        raise ValueError(f"usage lacks what Anthropic reports: {', '.join(missing)}")
+    counted = {k: v for k, v in parts.items() if v is not None}
+    if sum(counted.values()) != usage.input_tokens:
+        raise ValueError(
+            f"the parts of the input ({sum(counted.values()):,}) are not its total "
+            f"({usage.input_tokens:,})"
+        )
+    out: dict[str, Any] = {
+        "uncached_input_tokens": counted["uncached_input_tokens"],
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": counted["ephemeral_5m_input_tokens"],
+            "ephemeral_1h_input_tokens": counted["ephemeral_1h_input_tokens"],
+        },
+        "cache_read_input_tokens": counted["cache_read_input_tokens"],
+        "output_tokens": usage.output_tokens,
+        "server_tool_use": {"web_search_requests": usage.web_search_requests or 0},
+    }
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -464,16 +464,19 @@ async def request_capped(
     ok_limit: int,
     params: Sequence[tuple[str, str]] | None = None,
     payload: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> CappedAnswer:
     """One request with `key` as the bearer credential (only in that header), no
     redirects, the body of a 200 read up to `ok_limit` bytes and of any other answer up to
-    64 KiB. Raises TimeoutError and aiohttp.ClientError as they come."""
+    64 KiB. Raises TimeoutError and aiohttp.ClientError as they come. `headers`, when
+    given, are sent *instead of* the bearer header: another provider's authentication
+    (Anthropic's `x-api-key`), which then carries the key."""
     async with session.request(
         method,
         url,
         params=list(params) if params else None,
         json=payload,
-        headers={"Authorization": f"Bearer {key}"},
+        headers=dict(headers) if headers is not None else {"Authorization": f"Bearer {key}"},
         timeout=client_timeout,
         allow_redirects=False,
     ) as resp:
@@ -517,7 +520,19 @@ def parse_retry_after(headers: Mapping[str, str], now: float) -> float | None:
 
 class UsageClient:
     """Reads the completions usage of an interval. One instance per daemon (shares the
-    rate limiter); the aiohttp session is owned by the caller."""
+    rate limiter); the aiohttp session is owned by the caller.
+
+    Another provider's usage report of the same page shape (data, has_more, next_page) is a
+    subclass: it sets `API_NAME`, `LOG_EVENT` and `PATH`, sends its own authentication
+    headers (`_auth_headers`) and its own query (`fetch`); the retries, rate limit, typed
+    errors, bounded bodies, redaction and page chaining are these."""
+
+    #: How messages name the API ("Usage API answered HTTP 401: ...").
+    API_NAME: str = "Usage API"
+    #: The log event of each HTTP request.
+    LOG_EVENT: str = "usage_api.request"
+    #: The path `fetch` reads, under the base URL.
+    PATH: str = USAGE_PATH
 
     def __init__(
         self,
@@ -538,7 +553,7 @@ class UsageClient:
         if max_page_bytes < 1:
             raise ValueError("max_page_bytes must be at least 1")
         self._base = base_url.rstrip("/")
-        self._url = self._base + USAGE_PATH
+        self._url = self._base + self.PATH
         self.__key = admin_key
         self._session = session
         self._limiter = AsyncLimiter(rate_limit_per_min, 60)
@@ -550,7 +565,16 @@ class UsageClient:
         self._rng = random.Random()
 
     def __repr__(self) -> str:
-        return f"UsageClient(url={self._url!r}, requests_sent={self._requests_sent})"
+        return f"{type(self).__name__}(url={self._url!r}, requests_sent={self._requests_sent})"
+
+    @property
+    def endpoint(self) -> str:
+        """The URL `fetch` reads (for a run's provenance); it holds no credential."""
+        return self._url
+
+    def _auth_headers(self, key: str) -> Mapping[str, str] | None:
+        """The headers that carry `key`, or None for `Authorization: Bearer`."""
+        return None
 
     @property
     def requests_sent(self) -> int:
@@ -657,25 +681,26 @@ class UsageClient:
                     client_timeout=self._timeout,
                     ok_limit=self._max_page_bytes,
                     params=pairs,
+                    headers=self._auth_headers(self.__key),
                 )
             except TimeoutError:
                 self._log(None, page_no, attempt, began, error="timeout")
                 raise TransportError(
-                    f"Usage API request timed out after {self._timeout.total}s ({of})",
+                    f"{self.API_NAME} request timed out after {self._timeout.total}s ({of})",
                     attempt=attempt,
                 ) from None
             except aiohttp.ClientError as exc:
                 self._log(None, page_no, attempt, began, error=type(exc).__name__)
                 detail = self._redact(str(exc))
                 raise TransportError(
-                    f"Usage API request failed: {type(exc).__name__}: {detail} ({of})",
+                    f"{self.API_NAME} request failed: {type(exc).__name__}: {detail} ({of})",
                     attempt=attempt,
                 ) from None
         status, body = answer.status, answer.body
         if status == 200 and not answer.complete:
             self._log(status, page_no, attempt, began, error="too_large")
             raise ResponseTooLargeError(
-                f"malformed Usage API page: larger than {self._max_page_bytes:,} bytes "
+                f"malformed {self.API_NAME} page: larger than {self._max_page_bytes:,} bytes "
                 f"decoded (max_page_bytes); not read further ({of})",
                 status=200,
                 attempt=attempt,
@@ -704,7 +729,7 @@ class UsageClient:
         attempt: int,
     ) -> UsageApiError:
         message = self._redact(_error_message(body) or reason or "no message")
-        text = f"Usage API answered HTTP {status}: {message}"
+        text = f"{self.API_NAME} answered HTTP {status}: {message}"
         if status in (401, 403):
             return AuthError(text, status=status, attempt=attempt)
         retry_after = parse_retry_after(headers, time.time())
@@ -735,7 +760,7 @@ class UsageClient:
         duration_ms = round((time.monotonic() - began) * 1000.0, 1)
         if status == 200:
             log.info(
-                "usage_api.request",
+                self.LOG_EVENT,
                 status=status,
                 page=page,
                 attempt=attempt,
@@ -743,7 +768,7 @@ class UsageClient:
             )
         else:
             log.warning(
-                "usage_api.request",
+                self.LOG_EVENT,
                 status=status,
                 page=page,
                 attempt=attempt,
@@ -753,7 +778,9 @@ class UsageClient:
 
 
 def _error_message(body: bytes | bytearray) -> str | None:
-    """`error.message` of the standard envelope, if the body is one."""
+    """`error.message` of the standard envelope, if the body is one; prefixed with
+    `error.type` in Anthropic's (`{"type": "error", "error": {"type", "message"}}`), whose
+    types name the failure (`authentication_error`, `rate_limit_error`, ...)."""
     try:
         obj = _load_json(body)
     except MalformedResponseError:
@@ -761,6 +788,9 @@ def _error_message(body: bytes | bytearray) -> str | None:
     if isinstance(obj, Mapping):
         err = obj.get("error")
         if isinstance(err, Mapping) and isinstance(err.get("message"), str) and err["message"]:
+            kind = err.get("type")
+            if obj.get("type") == "error" and isinstance(kind, str) and kind:
+                return f"{kind}: {err['message']}"
             return str(err["message"])
         if isinstance(err, str) and err:
             return err

@@ -3,16 +3,23 @@
 A run declares its scope in `usage_scope.json` beside its `metrics.json`, or in a
 `usage_scope` object inside `metrics.json`:
 
-    {"provider": "openai",                      # optional; "anthropic" is reserved
+    {"provider": "openai",                      # optional: "openai" or "anthropic"
      "api_key_ids": ["key_..."],                # and/or
      "project_ids": ["proj_..."],
      "lease": {"key_id": "key_...", "project_id": "proj_...",   # optional, written by
                "created_at": "...Z", "expires_at": "...Z"}}     # `tokensettle lease`
 
+For `"provider": "anthropic"` the ids are Anthropic's: keys `apikey_...`, and in
+`project_ids` *workspace* ids `wrkspc_...` (both are containers of keys). Anthropic keys
+cannot be minted, so its leases come from a pool of Console-made keys: the lease says so
+with `"pool": true`, names its key in `api_key_ids`, and its `project_id` (the workspace)
+is optional. An OpenAI lease is never a pool lease, an Anthropic lease always is.
+
 A declared scope replaces the framework's scope for that run. Parsing is pure and strict:
 an unknown key is refused with the closest valid name (a typo would otherwise widen the
-scope silently), ids must look like ids, and a declaration must name at least one key or
-project (an empty one would mean the whole organisation, never what a run means).
+scope silently), ids must look like the provider's ids, and a declaration must name at
+least one key or project (an empty one would mean the whole organisation, never what a
+run means).
 
 `write_declaration` is the one I/O function: an atomic, exclusive create of the file.
 """
@@ -33,16 +40,21 @@ from tokensettle.atomic import publish
 from tokensettle.usage import Scope
 
 __all__ = [
+    "ANTHROPIC_KEY_ID_PATTERN",
+    "ID_KINDS",
     "KEY_ID_PATTERN",
     "MAX_SCOPE_BYTES",
     "METRICS_FIELD",
     "PROJECT_ID_PATTERN",
     "PROVIDERS",
     "SCOPE_FILE",
+    "WORKSPACE_ID_PATTERN",
     "Declaration",
+    "IdKinds",
     "LeaseDeclaration",
     "ScopeDeclarationError",
     "declaration_from_metrics",
+    "lease_from_json",
     "load_declaration",
     "parse_declaration",
     "render_declaration",
@@ -55,15 +67,32 @@ METRICS_FIELD: Final = "usage_scope"
 #: A declaration is a few hundred bytes; a larger file is a mistake, not a scope.
 MAX_SCOPE_BYTES: Final = 64 * 1024
 DEFAULT_PROVIDER: Final = "openai"
-#: Providers a declaration may name; only "openai" is settled today ("anthropic" is
-#: reserved for the key-pool route of admin-api-notes.md section 7).
+#: Providers a declaration may name.
 PROVIDERS: Final = ("openai", "anthropic")
-SUPPORTED_PROVIDERS: Final = frozenset({"openai"})
 KEY_ID_PATTERN: Final = re.compile(r"^key_[A-Za-z0-9_-]+$")
 PROJECT_ID_PATTERN: Final = re.compile(r"^proj_[A-Za-z0-9_-]+$")
+ANTHROPIC_KEY_ID_PATTERN: Final = re.compile(r"^apikey_[A-Za-z0-9_-]+$")
+WORKSPACE_ID_PATTERN: Final = re.compile(r"^wrkspc_[A-Za-z0-9_-]+$")
 _MAX_IDS: Final = 1000
 _TOP_KEYS: Final = ("provider", "api_key_ids", "project_ids", "lease")
-_LEASE_KEYS: Final = ("key_id", "project_id", "created_at", "expires_at")
+_LEASE_KEYS: Final = ("key_id", "project_id", "created_at", "expires_at", "pool")
+_REQUIRED_LEASE_KEYS: Final = ("key_id", "created_at", "expires_at")
+
+
+@dataclass(frozen=True, slots=True)
+class IdKinds:
+    """What a provider's ids look like: its keys, and its key containers (OpenAI
+    projects, Anthropic workspaces; both are `project_ids` in a declaration)."""
+
+    key: re.Pattern[str]
+    container: re.Pattern[str]
+    container_kind: str
+
+
+ID_KINDS: Final[Mapping[str, IdKinds]] = {
+    "openai": IdKinds(KEY_ID_PATTERN, PROJECT_ID_PATTERN, "project"),
+    "anthropic": IdKinds(ANTHROPIC_KEY_ID_PATTERN, WORKSPACE_ID_PATTERN, "workspace"),
+}
 
 
 class ScopeDeclarationError(ValueError):
@@ -72,20 +101,33 @@ class ScopeDeclarationError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LeaseDeclaration:
-    """The lease a declaration was written for (by `tokensettle lease`)."""
+    """The lease a declaration was written for (by `tokensettle lease`).
+
+    A minted OpenAI key (`pool` False) is its lease: `key_id` names both. A pool key
+    (Anthropic, `pool` True) serves many leases one after another, so a pool lease is
+    `(key_id, created_at)`; its `project_id` is the key's workspace, when configured.
+    """
 
     key_id: str
-    project_id: str
+    project_id: str | None
     created_at: datetime
     expires_at: datetime
+    pool: bool = False
 
-    def to_json(self) -> dict[str, str]:
-        return {
-            "key_id": self.key_id,
-            "project_id": self.project_id,
-            "created_at": _iso(self.created_at),
-            "expires_at": _iso(self.expires_at),
-        }
+    @property
+    def identity(self) -> tuple[str, datetime]:
+        """What tells two leases of one pool key apart (for a minted key: the key)."""
+        return (self.key_id, self.created_at)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key_id": self.key_id}
+        if self.project_id is not None or not self.pool:
+            out["project_id"] = self.project_id
+        out["created_at"] = _iso(self.created_at)
+        out["expires_at"] = _iso(self.expires_at)
+        if self.pool:
+            out["pool"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +171,19 @@ class Declaration:
             lease=LeaseDeclaration(key_id, project_id, created_at, expires_at),
         )
 
+    @staticmethod
+    def for_pool_lease(
+        key_id: str, workspace_id: str | None, created_at: datetime, expires_at: datetime
+    ) -> Declaration:
+        """What `tokensettle lease --provider anthropic` declares: that pool key (in its
+        workspace, when the pool configuration names one)."""
+        return Declaration(
+            api_key_ids=(key_id,),
+            project_ids=(workspace_id,) if workspace_id else (),
+            provider="anthropic",
+            lease=LeaseDeclaration(key_id, workspace_id, created_at, expires_at, pool=True),
+        )
+
 
 def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
@@ -170,7 +225,13 @@ def _refuse_unknown(
 
 
 def _ids(
-    obj: Mapping[str, Any], name: str, pattern: re.Pattern[str], kind: str, source: str
+    obj: Mapping[str, Any],
+    name: str,
+    pattern: re.Pattern[str],
+    kind: str,
+    source: str,
+    *,
+    note: str = "",
 ) -> tuple[str, ...]:
     value = obj.get(name, [])
     if value is None:
@@ -184,10 +245,17 @@ def _ids(
         if not isinstance(item, str):
             raise _fail(source, f"{name}[{i}]", f"is {_type_name(item)}, expected a {kind} id")
         if not pattern.fullmatch(item):
-            prefix = pattern.pattern[1:].split("[", 1)[0]
-            raise _fail(source, f"{name}[{i}]", f"{item[:64]!r} is not a {kind} id ({prefix}...)")
+            raise _fail(
+                source,
+                f"{name}[{i}]",
+                f"{item[:64]!r} is not a {kind} id ({_prefix(pattern)}){note}",
+            )
         out.append(item)
     return tuple(out)
+
+
+def _prefix(pattern: re.Pattern[str]) -> str:
+    return pattern.pattern[1:].split("[", 1)[0] + "..."
 
 
 def _time(obj: Mapping[str, Any], name: str, source: str) -> datetime:
@@ -205,26 +273,32 @@ def _time(obj: Mapping[str, Any], name: str, source: str) -> datetime:
 
 
 def lease_from_json(value: object, *, source: str) -> LeaseDeclaration:
-    """A `lease` object as `LeaseDeclaration.to_json` writes it (ScopeDeclarationError)."""
+    """A `lease` object as `LeaseDeclaration.to_json` writes it (ScopeDeclarationError).
+    It describes itself: `"pool": true` means Anthropic ids, otherwise OpenAI's."""
     if not isinstance(value, Mapping):
         raise _fail(source, "lease", f"is {_type_name(value)}, expected an object")
     _refuse_unknown(value, _LEASE_KEYS, source, "lease")
-    for name in _LEASE_KEYS:
+    pool = value.get("pool", False)
+    if not isinstance(pool, bool):
+        raise _fail(source, "lease.pool", f"is {_type_name(pool)}, expected true or false")
+    kinds = ID_KINDS["anthropic" if pool else "openai"]
+    for name in (*_REQUIRED_LEASE_KEYS, *(() if pool else ("project_id",))):
         if name not in value:
             raise _fail(source, "lease", f"lacks {name!r}")
-    key_id, project_id = value["key_id"], value["project_id"]
-    for name, pattern, kind in (
-        ("key_id", KEY_ID_PATTERN, "key"),
-        ("project_id", PROJECT_ID_PATTERN, "project"),
+    key_id, project_id = value["key_id"], value.get("project_id")
+    for name, item, pattern, kind in (
+        ("key_id", key_id, kinds.key, "key"),
+        ("project_id", project_id, kinds.container, kinds.container_kind),
     ):
-        item = value[name]
+        if item is None and name == "project_id" and pool:
+            continue  # a pool key without a configured workspace
         if not isinstance(item, str) or not pattern.fullmatch(item):
             shown = repr(item[:64]) if isinstance(item, str) else _type_name(item)
-            raise _fail(source, f"lease.{name}", f"{shown} is not a {kind} id")
+            raise _fail(source, f"lease.{name}", f"{shown} is not a {kind} id ({_prefix(pattern)})")
     created, expires = _time(value, "created_at", source), _time(value, "expires_at", source)
     if expires <= created:
         raise _fail(source, "lease.expires_at", "is not after lease.created_at")
-    return LeaseDeclaration(key_id, project_id, created, expires)
+    return LeaseDeclaration(key_id, project_id, created, expires, pool=pool)
 
 
 def parse_declaration(obj: object, *, source: str) -> Declaration:
@@ -232,8 +306,10 @@ def parse_declaration(obj: object, *, source: str) -> Declaration:
 
     Raises ScopeDeclarationError (one line: "SOURCE: FIELD: problem") for an object that
     is not one, unknown keys (with the closest valid name), wrong types, ids that are not
-    `key_...`/`proj_...`, an unsupported provider, a declaration naming neither keys nor
-    projects, and a lease whose key or project the declaration does not name.
+    the provider's (`key_...`/`proj_...`, or `apikey_...`/`wrkspc_...` for Anthropic), an
+    unknown provider, a declaration naming neither keys nor projects, a lease whose key or
+    project the declaration does not name, and a lease of the wrong kind for the provider
+    (Anthropic leases are pool leases and name their key in `api_key_ids`).
     """
     if not isinstance(obj, Mapping):
         raise _fail(source, "usage scope", f"is {_type_name(obj)}, expected a JSON object")
@@ -243,12 +319,13 @@ def parse_declaration(obj: object, *, source: str) -> Declaration:
         raise _fail(source, "provider", f"is {_type_name(provider)}, expected a string")
     if provider not in PROVIDERS:
         close = difflib.get_close_matches(provider, PROVIDERS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(PROVIDERS)}"
         raise _fail(source, "provider", f"unknown provider {provider[:64]!r}{hint}")
-    if provider not in SUPPORTED_PROVIDERS:
-        raise _fail(source, "provider", f"{provider!r} is reserved and not supported yet")
-    keys = _ids(obj, "api_key_ids", KEY_ID_PATTERN, "key", source)
-    projects = _ids(obj, "project_ids", PROJECT_ID_PATTERN, "project", source)
+    kinds = ID_KINDS[provider]
+    note = "" if provider == DEFAULT_PROVIDER else f" for provider {provider!r}"
+    keys = _ids(obj, "api_key_ids", kinds.key, "key", source, note=note)
+    container = kinds.container_kind
+    projects = _ids(obj, "project_ids", kinds.container, container, source, note=note)
     lease = lease_from_json(obj["lease"], source=source) if obj.get("lease") is not None else None
     if not keys and not projects:
         raise _fail(
@@ -257,13 +334,37 @@ def parse_declaration(obj: object, *, source: str) -> Declaration:
             "names no api_key_ids and no project_ids; declare at least one",
         )
     if lease is not None:
-        if keys and lease.key_id not in keys:
-            raise _fail(source, "lease.key_id", f"{lease.key_id} is not in api_key_ids")
-        if projects and lease.project_id not in projects:
-            raise _fail(source, "lease.project_id", f"{lease.project_id} is not in project_ids")
+        _check_lease(lease, provider, keys, projects, source)
     return Declaration(
         api_key_ids=keys, project_ids=projects, provider=provider, lease=lease, source=source
     )
+
+
+def _check_lease(
+    lease: LeaseDeclaration,
+    provider: str,
+    keys: tuple[str, ...],
+    projects: tuple[str, ...],
+    source: str,
+) -> None:
+    if lease.pool and provider != "anthropic":
+        raise _fail(
+            source, "lease.pool", f"a pool lease needs provider 'anthropic', not {provider!r}"
+        )
+    if not lease.pool and provider == "anthropic":
+        raise _fail(
+            source,
+            "lease",
+            "an Anthropic lease is a pool lease (Anthropic keys cannot be minted); "
+            'add "pool": true',
+        )
+    if lease.pool and not keys:
+        # Without its key, the scope would be the whole workspace: every pool key in it.
+        raise _fail(source, "api_key_ids", f"must name the pool lease's key {lease.key_id}")
+    if keys and lease.key_id not in keys:
+        raise _fail(source, "lease.key_id", f"{lease.key_id} is not in api_key_ids")
+    if projects and lease.project_id is not None and lease.project_id not in projects:
+        raise _fail(source, "lease.project_id", f"{lease.project_id} is not in project_ids")
 
 
 def load_declaration(raw: bytes, *, source: str) -> Declaration:

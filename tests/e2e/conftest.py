@@ -153,3 +153,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         for daemon in w.daemons:  # every line JSON, no traceback anywhere
             assert not daemon.not_json, daemon.not_json[:5]
             assert b"Traceback" not in daemon.stderr, daemon.stderr.decode()[-2000:]
+            # In JSON log mode every line on stderr is a JSON object too (library warnings
+            # included: watchdog's RuntimeWarning went to stderr as text).
+            for line in daemon.stderr.decode("utf-8", "replace").splitlines():
+                assert line.startswith("{") and line.endswith("}"), line[:300]

@@ -487,6 +487,9 @@ async def test_control_endpoints(sim: RunningSimulator, session: aiohttp.ClientS
             "by_status": {"401": 1, "500": 1},
             "registered_requests": 1,
             "pending_faults": 0,
+            "anthropic_requests": 0,  # Anthropic's usage report keeps its own count
+            "anthropic_by_status": {},
+            "registered_anthropic_requests": 0,
         }
     async with session.get(f"{root}/_sim/log") as resp:
         log = await resp.json()
@@ -501,6 +504,8 @@ async def test_control_endpoints(sim: RunningSimulator, session: aiohttp.ClientS
     assert await control(session, sim, "keys", {"admin_keys": ["sk-admin-new"]}) == {
         "admin_keys": 1,
         "unscoped_keys": 1,
+        "anthropic_admin_keys": 0,
+        "anthropic_unscoped_keys": 0,
     }
     assert sim.scenario.check_auth("Bearer sk-admin-new") is None
     await control(session, sim, "reset", {})

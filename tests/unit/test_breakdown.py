@@ -24,7 +24,7 @@ from tokensettle.breakdown import (
     usage_notes,
     usage_problems,
 )
-from tokensettle.usage import ALL_OPTIONAL_FIELDS, Usage
+from tokensettle.usage import ALL_OPTIONAL_FIELDS, OPENAI_OPTIONAL_FIELDS, Usage
 
 SNAPSHOT = "gpt-4o-mini-2024-07-18"
 OLD_STYLE = Usage(
@@ -53,7 +53,7 @@ def test_old_buckets_report_only_what_they_carry() -> None:
     assert "input.uncached" in absent
     assert "output.audio" in absent
     assert "input.cached" not in absent
-    assert len(absent) == len(ALL_OPTIONAL_FIELDS) - 1
+    assert len(absent) == len(OPENAI_OPTIONAL_FIELDS) - 1
 
 
 def test_no_cache_field_means_no_cached_share_and_no_cached_tokens_value() -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -213,3 +214,35 @@ def test_fatal_before_configure_follows_the_environment(monkeypatch: pytest.Monk
     err = io.StringIO()
     fatal("config error: x", stream=err)
     assert err.getvalue() == "tokensettle: config error: x\n"
+
+
+class YieldingStream(io.StringIO):
+    """A stream that lets other threads run after every write, as a pipe to a busy reader
+    does: a line written in two calls is then cut in two by whoever writes next."""
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        time.sleep(0)
+        return n
+
+
+def test_lines_from_structlog_and_libraries_never_interleave(stream: io.StringIO) -> None:
+    out = YieldingStream()
+    configure(level="info", fmt="json", stream=out)
+    lib = logging.getLogger("somelib")
+
+    def library() -> None:
+        for i in range(400):
+            lib.handle(
+                logging.LogRecord("somelib", logging.WARNING, "/x/lib.py", i, "m%d", (i,), None)
+            )
+
+    worker = threading.Thread(target=library)
+    worker.start()
+    log = structlog.get_logger()
+    for i in range(400):
+        log.info("ours", i=i)
+    worker.join()
+    parsed = lines(out)
+    assert sum(1 for p in parsed if p.get("event") == "ours") == 400
+    assert sum(1 for p in parsed if p.get("logger") == "somelib") >= RATE_BURST

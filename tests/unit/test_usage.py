@@ -9,12 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokensettle.usage import (
-    ALL_FIELDS,
     ALL_OPTIONAL_FIELDS,
     INT64_MAX,
     MAX_REQUESTS_PER_MINUTE,
     MAX_TOKENS_PER_MINUTE,
     MAX_TOKENS_PER_REQUEST,
+    OPENAI_OPTIONAL_FIELDS,
     REQUIRED_FIELDS,
     SDK_OPTIONAL_FIELDS,
     Scope,
@@ -26,14 +26,19 @@ from tokensettle.usage import (
 )
 
 counts = st.integers(min_value=0, max_value=10**9)
+small = st.integers(min_value=0, max_value=10**6)
+OPENAI_FIELDS = REQUIRED_FIELDS + OPENAI_OPTIONAL_FIELDS
 
 
 @st.composite
-def usages(draw: st.DrawFn) -> Usage:
-    values: dict[str, int | None] = {name: draw(counts) for name in REQUIRED_FIELDS}
-    for name in ALL_OPTIONAL_FIELDS:
-        values[name] = draw(st.none() | counts)
-    return Usage(**values)  # type: ignore[arg-type]
+def usages(draw: st.DrawFn, *, fields: tuple[str, ...] = ALL_OPTIONAL_FIELDS) -> Usage:
+    values: dict[str, Any] = {name: draw(counts) for name in REQUIRED_FIELDS}
+    for name in fields:
+        # web searches are calls, not tokens: a real minute has far fewer
+        values[name] = draw(st.none() | (counts if name != "web_search_requests" else small))
+    if fields is ALL_OPTIONAL_FIELDS:
+        values["requests_counted"] = draw(st.booleans())
+    return Usage(**values)
 
 
 def _field_sum(items: list[Usage], name: str) -> int | None:
@@ -154,7 +159,7 @@ def test_usage_from_result_rejects_null_required_field(name: str) -> None:
         usage_from_result(_result(**{name: None}))
 
 
-@pytest.mark.parametrize("name", ALL_FIELDS)
+@pytest.mark.parametrize("name", OPENAI_FIELDS)
 @pytest.mark.parametrize("bad", [1.0, 12.5, True, False, "12", [1], -1])
 def test_usage_from_result_rejects_floats_booleans_strings_negatives(
     name: str, bad: object
@@ -164,15 +169,22 @@ def test_usage_from_result_rejects_floats_booleans_strings_negatives(
 
 
 @settings(max_examples=40)
-@given(usages())
+@given(usages(fields=OPENAI_OPTIONAL_FIELDS))
 def test_usage_from_result_round_trips_present(u: Usage) -> None:
     assert usage_from_result(u.present()) == u
+
+
+def test_usage_from_result_reads_no_anthropic_field() -> None:
+    u = usage_from_result(_result(web_search_requests=3, input_cache_write_5m_tokens=9))
+    assert u.web_search_requests is None
+    assert u.input_cache_write_5m_tokens is None
+    assert u.requests_counted
 
 
 def test_sdk_cache_write_retention_fields_are_read_and_added() -> None:
     u = usage_from_result(_result(input_cache_write_30m_tokens=70, input_cache_write_12h_tokens=30))
     assert (u.input_cache_write_30m_tokens, u.input_cache_write_12h_tokens) == (70, 30)
-    assert set(SDK_OPTIONAL_FIELDS) <= set(ALL_FIELDS)
+    assert set(SDK_OPTIONAL_FIELDS) <= set(OPENAI_FIELDS)
     assert (u + usage_from_result(_result())).input_cache_write_30m_tokens == 70
 
 

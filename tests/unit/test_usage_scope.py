@@ -85,7 +85,11 @@ def test_a_lease_declaration_round_trips_through_its_file_bytes() -> None:
         ({"project_ids": ["key_a"]}, "project_ids[0]: 'key_a' is not a project id (proj_"),
         ({}, "names no api_key_ids and no project_ids"),
         ({"api_key_ids": [], "project_ids": None}, "names no api_key_ids and no project_ids"),
-        ({"provider": "anthropic", "api_key_ids": ["key_a"]}, "'anthropic' is reserved"),
+        (
+            {"provider": "anthropic", "api_key_ids": ["key_a"]},
+            "api_key_ids[0]: 'key_a' is not a key id (apikey_...) for provider 'anthropic'",
+        ),
+        ({"provider": "claude", "api_key_ids": ["key_a"]}, "known: openai, anthropic"),
         ({"provider": "opneai", "api_key_ids": ["key_a"]}, "did you mean 'openai'?"),
         ({"provider": 1, "api_key_ids": ["key_a"]}, "provider: is a number, expected a string"),
         ({"api_key_ids": ["key_a"], "lease": "key_a"}, "lease: is a string, expected an object"),
@@ -130,6 +134,126 @@ def test_a_bad_declaration_is_one_line_naming_file_and_field(obj: object, needle
     message = str(err.value)
     assert message.startswith(f"{SRC}: ") and "\n" not in message
     assert needle in message, message
+
+
+POOL = {
+    "key_id": "apikey_01Abc",
+    "project_id": "wrkspc_01Runs",
+    "created_at": "2026-03-01T12:00:00Z",
+    "expires_at": "2026-03-02T12:00:00Z",
+    "pool": True,
+}
+ANT = {"provider": "anthropic", "api_key_ids": ["apikey_01Abc"], "project_ids": ["wrkspc_01Runs"]}
+
+
+def test_an_anthropic_declaration_names_keys_and_workspaces() -> None:
+    decl = parse_declaration(ANT, source=SRC)
+    assert decl.provider == "anthropic" and decl.lease is None
+    scope = decl.scope()
+    assert scope == Scope(frozenset({"apikey_01Abc"}), frozenset({"wrkspc_01Runs"}), "anthropic")
+    # workspace ids sit where OpenAI's project ids do: the same filter works on both
+    assert scope.matches(
+        UsageRow(0, _usage(), api_key_id="apikey_01Abc", project_id="wrkspc_01Runs")
+    )
+    alone = parse_declaration({"provider": "anthropic", "project_ids": ["wrkspc_a"]}, source=SRC)
+    assert alone.scope().project_ids == frozenset({"wrkspc_a"})
+
+
+def test_a_pool_lease_round_trips_and_is_told_apart_by_its_start() -> None:
+    decl = Declaration.for_pool_lease("apikey_01Abc", "wrkspc_01Runs", T0, T0 + timedelta(days=1))
+    assert decl.to_json() == {**ANT, "lease": POOL}
+    again = load_declaration(render_declaration(decl), source=SRC)
+    assert again == decl and again.lease is not None and again.lease.pool
+    assert again.lease.identity == ("apikey_01Abc", T0)
+    later = Declaration.for_pool_lease(
+        "apikey_01Abc", None, T0 + timedelta(hours=2), T0 + timedelta(days=1)
+    )
+    assert later.lease is not None and later.lease.identity != again.lease.identity
+    # a pool key without a configured workspace: no project_ids, no project_id in the lease
+    assert "project_id" not in later.to_json()["lease"] and later.project_ids == ()
+    assert load_declaration(render_declaration(later), source=SRC) == later
+
+
+def test_an_openai_lease_is_written_as_before() -> None:
+    """The index and older files hold OpenAI lease objects without a `pool` field."""
+    decl = Declaration.for_lease("key_abc", "proj_leases", T0, T0 + timedelta(days=1))
+    assert decl.to_json()["lease"] == LEASE
+    assert decl.lease is not None and not decl.lease.pool
+
+
+@pytest.mark.parametrize(
+    ("obj", "needle"),
+    [
+        (
+            {**ANT, "project_ids": ["proj_x"]},
+            "project_ids[0]: 'proj_x' is not a workspace id (wrkspc_...) for provider 'anthropic'",
+        ),
+        ({"api_key_ids": ["apikey_01Abc"]}, "'apikey_01Abc' is not a key id (key_...)"),
+        ({**ANT, "lease": {**POOL, "pool": "yes"}}, "lease.pool: is a string, expected true or"),
+        (
+            {**ANT, "lease": {**POOL, "pool": False}},
+            "lease.key_id: 'apikey_01Abc' is not a key id (key_",
+        ),
+        ({**ANT, "lease": LEASE}, "an Anthropic lease is a pool lease"),
+        (
+            {"api_key_ids": ["key_abc"], "lease": {**LEASE, "pool": True}},
+            "lease.key_id: 'key_abc' is not a key id (apikey_",
+        ),
+        (
+            {"api_key_ids": ["apikey_01Abc"], "lease": POOL},
+            "'apikey_01Abc' is not a key id (key_...)",
+        ),
+        (
+            {
+                "provider": "openai",
+                "api_key_ids": ["key_a"],
+                "lease": {**POOL, "key_id": "apikey_x"},
+            },
+            "lease.pool: a pool lease needs provider 'anthropic', not 'openai'",
+        ),
+        (
+            {**ANT, "lease": {**POOL, "project_id": "proj_x"}},
+            "lease.project_id: 'proj_x' is not a workspace id",
+        ),
+        (
+            {**ANT, "lease": {**POOL, "key_id": "apikey_other"}},
+            "lease.key_id: apikey_other is not in",
+        ),
+        (
+            {"provider": "anthropic", "project_ids": ["wrkspc_01Runs"], "lease": POOL},
+            "api_key_ids: must name the pool lease's key apikey_01Abc",
+        ),
+        (
+            {**ANT, "lease": {**POOL, "project_id": "wrkspc_other"}},
+            "wrkspc_other is not in project_ids",
+        ),
+        ({**ANT, "lease": {**POOL, "kind": "pool"}}, "unknown key 'kind'"),
+        (
+            {**ANT, "lease": {k: v for k, v in POOL.items() if k != "created_at"}},
+            "lacks 'created_at'",
+        ),
+    ],
+)
+def test_a_bad_anthropic_declaration_is_one_line(obj: object, needle: str) -> None:
+    with pytest.raises(ScopeDeclarationError) as err:
+        parse_declaration(obj, source=SRC)
+    message = str(err.value)
+    assert message.startswith(f"{SRC}: ") and "\n" not in message
+    assert needle in message, message
+
+
+def test_a_pool_lease_needs_no_workspace() -> None:
+    lease = {k: v for k, v in POOL.items() if k != "project_id"}
+    decl = parse_declaration(
+        {"provider": "anthropic", "api_key_ids": ["apikey_01Abc"], "lease": lease}, source=SRC
+    )
+    assert decl.lease == LeaseDeclaration(
+        "apikey_01Abc", None, T0, T0 + timedelta(days=1), pool=True
+    )
+    assert (
+        parse_declaration({**ANT, "lease": {**POOL, "project_id": None}}, source=SRC).lease
+        is not None
+    )
 
 
 def test_a_lease_alone_needs_its_key_declared() -> None:

@@ -37,11 +37,19 @@ import random
 import re
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from tokensettle.usage import ALL_FIELDS, REQUIRED_FIELDS, Usage, UsageRow
+from tokensettle.usage import (
+    OPENAI_OPTIONAL_FIELDS,
+    REQUIRED_FIELDS,
+    Usage,
+    UsageRow,
+    UsageRowError,
+    usage_from_anthropic,
+    usage_to_anthropic,
+)
 from tokensettle.windows import floor_minute
 
 #: What `simulate --seed-from` records runs under when it is not told otherwise.
@@ -49,6 +57,16 @@ DEFAULT_SEED_PROJECT: Final = "proj_simulator"
 DEFAULT_SEED_MODEL: Final = "gpt-4o-mini-2024-07-18"
 #: Admin key the simulator accepts when the scenario names no admin keys (dev and demo).
 SIMULATOR_ADMIN_KEY: Final = "sk-admin-simulator-0000"
+#: Whose usage a virtual request is (its `provider`, "openai" unless registered otherwise).
+#: Each provider's endpoint answers only its own requests (`simulator.anthropic`).
+PROVIDERS: Final = ("openai", "anthropic")
+#: Anthropic admin key the simulator accepts when the scenario names none.
+SIMULATOR_ANTHROPIC_ADMIN_KEY: Final = "sk-ant-admin-simulator-0000"
+#: How an Anthropic request of the Default workspace (`"workspace_id": null`, which is how
+#: the report shows that workspace) is kept: no real workspace id is empty.
+DEFAULT_WORKSPACE: Final = ""
+#: Anthropic's service tier when a request names none.
+ANTHROPIC_STANDARD_TIER: Final = "standard"
 
 RESULT_OBJECT: Final = "organization.usage.completions.result"
 #: Bucket width name -> seconds.
@@ -88,6 +106,7 @@ FAULT_KINDS: Final = (
     "gzip_bomb",
     "deep_json",
     "huge_int",
+    "529",
 )
 #: Hostile-body faults -> (what their `size` counts, default, maximum). The maxima keep a
 #: typo from making the simulator itself stream for hours.
@@ -98,8 +117,8 @@ SIZED_FAULTS: Final[Mapping[str, tuple[str, int, int]]] = {
     "huge_int": ("digits of the integer", 5_000, 10_000_000),
 }
 #: Which requests a fault waits for: the Usage API (the default), the Admin API endpoints,
-#: or the model endpoints (chat completions, responses).
-FAULT_TARGETS: Final = ("usage", "admin", "model")
+#: the model endpoints (chat completions, responses), or Anthropic's usage report.
+FAULT_TARGETS: Final = ("usage", "admin", "model", "anthropic")
 MISSING_SCOPE_MESSAGE: Final = (
     "You have insufficient permissions for this operation. Missing scopes: api.usage.read."
 )
@@ -170,8 +189,16 @@ class VirtualRequest:
     registered_at: float = 0.0
     service_tier: str = "default"
     batch: bool = False
+    #: whose usage report holds it; for "anthropic", `project_id` is the workspace id
+    #: (`DEFAULT_WORKSPACE` for the Default workspace) and the usage is Anthropic's
+    #: normalised (`usage.usage_from_anthropic`)
+    provider: str = "openai"
 
     def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise ScenarioError(
+                f"unknown provider {self.provider!r}; known: {', '.join(PROVIDERS)}"
+            )
         if not self.revisions:
             raise ScenarioError("a virtual request needs at least one revision")
         if any(r.after < 0 for r in self.revisions):
@@ -200,6 +227,8 @@ class VirtualRequest:
         return self.revisions[-1].usage
 
     def to_json(self) -> dict[str, Any]:
+        if self.provider == "anthropic":
+            return _anthropic_request_json(self)
         return {
             "time": self.time,
             "api_key_id": self.api_key_id,
@@ -209,6 +238,24 @@ class VirtualRequest:
             "revisions": [{"after": r.after, "usage": r.usage.present()} for r in self.revisions],
             **_tier_json(self),
         }
+
+
+def _anthropic_request_json(req: VirtualRequest) -> dict[str, Any]:
+    """An Anthropic request as `request_from_json` reads it (its usage in Anthropic's shape)."""
+    out: dict[str, Any] = {
+        "provider": "anthropic",
+        "time": req.time,
+        "api_key_id": req.api_key_id,
+        "workspace_id": req.project_id or None,
+        "model": req.model,
+        "registered_at": req.registered_at,
+        "revisions": [
+            {"after": r.after, "usage": usage_to_anthropic(r.usage)} for r in req.revisions
+        ],
+    }
+    if req.service_tier != ANTHROPIC_STANDARD_TIER:
+        out["service_tier"] = req.service_tier
+    return out
 
 
 def _tier_json(req: VirtualRequest) -> dict[str, Any]:
@@ -248,14 +295,18 @@ def _string(obj: Mapping[str, Any], name: str) -> str:
     return value
 
 
+_OPENAI_FIELDS: Final = frozenset(REQUIRED_FIELDS + OPENAI_OPTIONAL_FIELDS)
+
+
 def usage_from_json(obj: object) -> Usage:
     """Token counters from a JSON object; unknown fields are refused (typos would
-    otherwise silently become zeros). Missing required counters default to 0."""
+    otherwise silently become zeros), and so are fields only Anthropic reports (an OpenAI
+    result never carries them). Missing required counters default to 0."""
     if not isinstance(obj, Mapping):
         raise ScenarioError(f"usage must be an object, got {type(obj).__name__}")
     values: dict[str, int | None] = {}
     for name, value in obj.items():
-        if name not in ALL_FIELDS:
+        if name not in _OPENAI_FIELDS:
             raise ScenarioError(f"unknown usage field {name!r}")
         if value is None and name not in REQUIRED_FIELDS:
             continue
@@ -265,28 +316,55 @@ def usage_from_json(obj: object) -> Usage:
     return Usage.from_fields(values)
 
 
-_REQUEST_KEYS: Final = frozenset(
-    {"time", "api_key_id", "project_id", "model", "usage", "visible_after", "revisions"}
-    | {"registered_at", "service_tier", "batch"}
-)
+#: The counters of an Anthropic request's usage, as the usage report names them
+#: (nested objects -> their members); a missing one is 0.
+ANTHROPIC_USAGE_KEYS: Final[Mapping[str, frozenset[str]]] = {
+    "uncached_input_tokens": frozenset(),
+    "cache_read_input_tokens": frozenset(),
+    "cache_creation": frozenset({"ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"}),
+    "output_tokens": frozenset(),
+    "server_tool_use": frozenset({"web_search_requests"}),
+}
 
 
-def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
-    """Parse one request of `POST /_sim/requests` or of a scenario file.
-
-    `usage` (visible `visible_after` seconds after registration, default 0) and/or
-    `revisions` (`[{"after": s, "usage": {...}}]`) give the counters over time. A
-    `registered_at` in the object (as written by `Scenario.to_json`) wins over the argument.
-    """
+def anthropic_usage_from_json(obj: object) -> Usage:
+    """An Anthropic request's counters, given in the usage report's shape (`{"uncached_input_
+    tokens", "cache_read_input_tokens", "cache_creation": {"ephemeral_5m_input_tokens",
+    "ephemeral_1h_input_tokens"}, "output_tokens", "server_tool_use": {"web_search_
+    requests"}}`), as the normalised Usage the client would read from them. Unknown fields
+    are refused (a typo would be a silent zero); missing ones are 0."""
     if not isinstance(obj, Mapping):
-        raise ScenarioError(f"a request must be an object, got {type(obj).__name__}")
-    unknown = set(obj) - _REQUEST_KEYS
+        raise ScenarioError(f"usage must be an object, got {type(obj).__name__}")
+    full: dict[str, Any] = {}
+    for name, members in ANTHROPIC_USAGE_KEYS.items():
+        value = obj.get(name, {} if members else 0)
+        if members:
+            if not isinstance(value, Mapping) or set(value) - members:
+                raise ScenarioError(
+                    f"usage field {name!r} must be an object of {', '.join(sorted(members))}"
+                )
+            value = {m: value.get(m, 0) for m in sorted(members)}
+        full[name] = value
+    unknown = set(obj) - set(ANTHROPIC_USAGE_KEYS)
     if unknown:
-        raise ScenarioError(f"unknown request fields: {sorted(unknown)}")
+        raise ScenarioError(
+            f"unknown Anthropic usage fields: {sorted(unknown)}; known: "
+            + ", ".join(ANTHROPIC_USAGE_KEYS)
+        )
+    try:
+        return usage_from_anthropic(full)
+    except UsageRowError as exc:
+        raise ScenarioError(
+            f"Anthropic usage: {exc} (counters are non-negative integers)"
+        ) from None
+
+
+def _revisions(obj: Mapping[str, Any], read: Callable[[object], Usage]) -> tuple[Revision, ...]:
+    """A request's `usage` (+ `visible_after`) and/or `revisions`, each usage read by `read`."""
     revisions: list[Revision] = []
     if "usage" in obj:
         after = _number(obj, "visible_after", 0.0)
-        revisions.append(Revision(after=after, usage=usage_from_json(obj["usage"])))
+        revisions.append(Revision(after=after, usage=read(obj["usage"])))
     elif "visible_after" in obj:
         raise ScenarioError("'visible_after' needs 'usage'")
     raw_revisions = obj.get("revisions", [])
@@ -295,19 +373,59 @@ def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
     for raw in raw_revisions:
         if not isinstance(raw, Mapping) or set(raw) - {"after", "usage"}:
             raise ScenarioError(f"a revision must be {{'after', 'usage'}}, got {raw!r}")
-        revisions.append(Revision(after=_number(raw, "after"), usage=usage_from_json(raw["usage"])))
+        revisions.append(Revision(after=_number(raw, "after"), usage=read(raw["usage"])))
     if not revisions:
         raise ScenarioError("a request needs 'usage' or 'revisions'")
-    tier, batch = _tier_fields(obj)
+    return tuple(revisions)
+
+
+_REQUEST_KEYS: Final = frozenset(
+    {"time", "api_key_id", "project_id", "model", "usage", "visible_after", "revisions"}
+    | {"registered_at", "service_tier", "batch", "provider"}
+)
+_ANTHROPIC_REQUEST_KEYS: Final = (_REQUEST_KEYS - {"project_id", "batch"}) | {"workspace_id"}
+
+
+def request_from_json(obj: object, *, registered_at: float) -> VirtualRequest:
+    """Parse one request of `POST /_sim/requests` or of a scenario file.
+
+    `usage` (visible `visible_after` seconds after registration, default 0) and/or
+    `revisions` (`[{"after": s, "usage": {...}}]`) give the counters over time. A
+    `registered_at` in the object (as written by `Scenario.to_json`) wins over the argument.
+    `provider` (default "openai") says whose usage report holds it: an "anthropic" request
+    names a `workspace_id` (null or absent: the Default workspace) instead of a
+    `project_id`, its `usage` is in the usage report's shape (`anthropic_usage_from_json`),
+    its `service_tier` defaults to "standard" and it has no `batch` flag (Anthropic's batch
+    usage is the tier "batch").
+    """
+    if not isinstance(obj, Mapping):
+        raise ScenarioError(f"a request must be an object, got {type(obj).__name__}")
+    provider = obj.get("provider", "openai")
+    if provider not in PROVIDERS:
+        raise ScenarioError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    anthropic = provider == "anthropic"
+    unknown = set(obj) - (_ANTHROPIC_REQUEST_KEYS if anthropic else _REQUEST_KEYS)
+    if unknown:
+        raise ScenarioError(f"unknown {provider} request fields: {sorted(unknown)}")
+    revisions = _revisions(obj, anthropic_usage_from_json if anthropic else usage_from_json)
+    if anthropic:
+        workspace = obj.get("workspace_id")
+        tier, _ = _tier_fields({"service_tier": ANTHROPIC_STANDARD_TIER, **obj})
+        container = DEFAULT_WORKSPACE if workspace is None else _string(obj, "workspace_id")
+        batch = False
+    else:
+        tier, batch = _tier_fields(obj)
+        container = _string(obj, "project_id")
     return VirtualRequest(
         time=_number(obj, "time"),
         api_key_id=_string(obj, "api_key_id"),
-        project_id=_string(obj, "project_id"),
+        project_id=container,
         model=_string(obj, "model"),
-        revisions=tuple(revisions),
+        revisions=revisions,
         registered_at=_number(obj, "registered_at", registered_at),
         service_tier=tier,
         batch=batch,
+        provider=provider,
     )
 
 
@@ -392,9 +510,11 @@ class Fault:
             what, _, most = SIZED_FAULTS[self.kind]
             if not 1 <= self.size <= most:
                 raise ScenarioError(f"'size' ({what}) must be between 1 and {most}")
+        if self.kind == "529" and self.target != "anthropic":
+            raise ScenarioError("a 529 fault (Anthropic's 'overloaded') needs target 'anthropic'")
         if self.retry_after is not None:
-            if self.kind not in ("429", "503"):
-                raise ScenarioError("'retry_after' only applies to 429 and 503 faults")
+            if self.kind not in ("429", "503", "529"):
+                raise ScenarioError("'retry_after' only applies to 429, 503 and 529 faults")
             if self.retry_after < 1:
                 raise ScenarioError("'retry_after' must be an integer >= 1")
         if self.seconds < 0 or (self.kind == "hang" and self.seconds == 0):
@@ -466,10 +586,21 @@ class Scenario:
         faults: Iterable[Fault] = (),
         seed: int = 0,
         admin: Mapping[str, Any] | None = None,
+        anthropic_admin_keys: Iterable[str] = (),
+        anthropic_unscoped_keys: Iterable[str] = (),
     ) -> None:
         self.admin_keys: set[str] = set(admin_keys)
         self.unscoped_keys: set[str] = set(unscoped_keys)
-        self.requests: list[VirtualRequest] = list(requests)
+        #: OpenAI's requests: everything that reads `requests` (the usage and costs
+        #: endpoints, truth, seeding) sees OpenAI usage only
+        self.requests: list[VirtualRequest] = []
+        #: Anthropic's requests, answered only by its usage report (`simulator.anthropic`)
+        self.anthropic_requests: list[VirtualRequest] = []
+        #: Anthropic Admin API keys (`x-api-key`), and keys that are not admin keys (403)
+        self.anthropic_admin_keys: set[str] = set(anthropic_admin_keys)
+        self.anthropic_unscoped_keys: set[str] = set(anthropic_unscoped_keys)
+        for req in requests:
+            self.add(req)
         self.faults: deque[Fault] = deque(faults)
         self.seed = seed
         #: The "admin" section (projects, static keys, knobs) as given; the server builds
@@ -480,11 +611,14 @@ class Scenario:
         # Keys are secrets even in a simulator: never print them.
         return (
             f"Scenario(requests={len(self.requests)}, admin_keys={len(self.admin_keys)}, "
-            f"unscoped_keys={len(self.unscoped_keys)}, faults={len(self.faults)})"
+            f"unscoped_keys={len(self.unscoped_keys)}, faults={len(self.faults)}, "
+            f"anthropic_requests={len(self.anthropic_requests)}, "
+            f"anthropic_admin_keys={len(self.anthropic_admin_keys)})"
         )
 
     def add(self, req: VirtualRequest) -> None:
-        self.requests.append(req)
+        """Register a request with its provider's usage (`requests` or `anthropic_requests`)."""
+        (self.anthropic_requests if req.provider == "anthropic" else self.requests).append(req)
 
     def add_fault(self, fault: Fault) -> None:
         self.faults.append(fault)
@@ -498,13 +632,20 @@ class Scenario:
         return None
 
     def reset(self) -> None:
-        """Forget requests and pending faults (keys stay)."""
+        """Forget requests (both providers') and pending faults (keys stay)."""
         self.requests.clear()
+        self.anthropic_requests.clear()
         self.faults.clear()
 
     @property
     def accepted_keys(self) -> frozenset[str]:
         return frozenset(self.admin_keys) if self.admin_keys else frozenset({SIMULATOR_ADMIN_KEY})
+
+    @property
+    def anthropic_accepted_keys(self) -> frozenset[str]:
+        """The Anthropic admin keys, or the simulator's default one when none are named."""
+        keys = self.anthropic_admin_keys
+        return frozenset(keys) if keys else frozenset({SIMULATOR_ANTHROPIC_ADMIN_KEY})
 
     def check_auth(self, authorization: str | None) -> ApiError | None:
         """None when the `Authorization` header carries an accepted admin key."""
@@ -543,11 +684,15 @@ class Scenario:
         `admin` is only checked to be an object here (`simulator.admin` reads it)."""
         if not isinstance(obj, Mapping):
             raise ScenarioError("a scenario must be a JSON object")
-        unknown = set(obj) - {"admin_keys", "unscoped_keys", "seed", "requests", "faults", "admin"}
+        unknown = set(obj) - _SCENARIO_KEYS
         if unknown:
             raise ScenarioError(f"unknown scenario fields: {sorted(unknown)}")
         admin = _string_list(obj.get("admin_keys", []), "admin_keys")
         unscoped = _string_list(obj.get("unscoped_keys", []), "unscoped_keys")
+        ant_admin = _string_list(obj.get("anthropic_admin_keys", []), "anthropic_admin_keys")
+        ant_unscoped = _string_list(
+            obj.get("anthropic_unscoped_keys", []), "anthropic_unscoped_keys"
+        )
         seed = obj.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ScenarioError("'seed' must be an integer")
@@ -565,17 +710,32 @@ class Scenario:
             faults=(Fault.from_json(f) for f in raw_faults),
             seed=seed,
             admin=admin_section,
+            anthropic_admin_keys=ant_admin,
+            anthropic_unscoped_keys=ant_unscoped,
         )
 
     def to_json(self) -> dict[str, Any]:
+        anthropic_keys: dict[str, Any] = {}
+        if self.anthropic_admin_keys or self.anthropic_unscoped_keys:
+            anthropic_keys = {
+                "anthropic_admin_keys": sorted(self.anthropic_admin_keys),
+                "anthropic_unscoped_keys": sorted(self.anthropic_unscoped_keys),
+            }
         return {
             "admin_keys": sorted(self.admin_keys),
             "unscoped_keys": sorted(self.unscoped_keys),
             "seed": self.seed,
-            "requests": [r.to_json() for r in self.requests],
+            "requests": [r.to_json() for r in [*self.requests, *self.anthropic_requests]],
             "faults": [f.to_json() for f in self.faults],
             **({"admin": dict(self.admin)} if self.admin is not None else {}),
+            **anthropic_keys,
         }
+
+
+_SCENARIO_KEYS: Final = frozenset(
+    {"admin_keys", "unscoped_keys", "seed", "requests", "faults", "admin"}
+    | {"anthropic_admin_keys", "anthropic_unscoped_keys"}
+)
 
 
 def _string_list(value: object, name: str) -> list[str]:

@@ -3,6 +3,10 @@
 Usage endpoint (admin-key auth, like the real one):
     GET  /v1/organization/usage/completions
 
+Anthropic's usage report (`x-api-key` and `anthropic-version`; its model is
+`simulator.anthropic`; it answers the requests registered with `"provider": "anthropic"`):
+    GET  /v1/organizations/usage_report/messages
+
 Admin API endpoints (admin-key auth) and model endpoints (project-key auth): see
 `simulator.admin`, which holds their model; this module only routes and applies faults.
 
@@ -12,18 +16,21 @@ Control endpoints (no auth; answered only to loopback clients):
     POST /_sim/faults    {"faults": [{"kind": "429", "retry_after"?: 1}, {"kind": "hang",
                           "seconds": 3}, {"kind": "gzip_bomb", "size"?: bytes}, ...]}
                           (FIFO per "target": usage (default), admin or model)
-    POST /_sim/keys      {"admin_keys": [...], "unscoped_keys": [...]}
-    POST /_sim/reset     forget requests, faults and the request log (keys stay)
+    POST /_sim/keys      {"admin_keys": [...], "unscoped_keys": [...],
+                          "anthropic_admin_keys": [...], "anthropic_unscoped_keys": [...]}
+    POST /_sim/reset     forget requests, faults and the request logs (keys stay)
     GET  /_sim/log       [{"query": raw query string, "status", "at", "fault"}]
+    GET  /_sim/anthropic/log  the same for Anthropic's usage report
     GET  /_sim/stats     {"usage_requests": N, "by_status": {"200": n, ...}, ...}
     GET  /_sim/truth     {"rows": [...]} final revisions, aggregated per minute/key/project/model
+                         (`?provider=anthropic`: Anthropic's, per workspace)
     GET  /_sim/admin     projects, service accounts, keys (ids and states, never values)
     POST /_sim/admin     {"projects": [...], "api_keys": [...], "usage_only_keys": [...],
                           "usage_delay": s, "key_auth_delay": s, "output_tokens": n}
     GET  /_sim/admin/log [{"target", "method", "path", "query", "status", "at", "fault"}]
 
 Every usage request, whatever its key, consumes the next pending usage fault; every admin
-(model) request the next admin (model) fault.
+(model, Anthropic usage report) request the next admin (model, anthropic) fault.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from urllib.parse import parse_qsl
 import structlog
 from aiohttp import web
 
+from tokensettle.simulator import anthropic
 from tokensettle.simulator.admin import MANAGEMENT_MESSAGE, AdminModel
 from tokensettle.simulator.costs import COSTS_PATH, Billing, respond_costs
 from tokensettle.simulator.scenario import (
@@ -128,6 +136,8 @@ class _State:
     log: list[LogEntry] = field(default_factory=list)
     calls: list[CallEntry] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Anthropic usage report requests (never a header or key)
+    anthropic_log: list[LogEntry] = field(default_factory=list)
 
 
 STATE: Final = web.AppKey("tokensettle_simulator_state", _State)
@@ -291,13 +301,19 @@ async def _usage(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, target: str, entry: _Entry, answer: Answer
+    request: web.Request,
+    target: str,
+    entry: _Entry,
+    answer: Answer,
+    *,
+    faults: Callable[[Fault], web.Response | None] = _fault_response,
 ) -> web.StreamResponse:
-    """`answer()`, or what the next pending fault of `target` makes of it."""
+    """`answer()`, or what the next pending fault of `target` makes of it (an error
+    answer by `faults`: the endpoint's own error envelope)."""
     state = request.app[STATE]
     fault = state.scenario.next_fault(target)
     entry.fault = fault.kind if fault else None
-    response: web.Response | None = _fault_response(fault) if fault else None
+    response: web.Response | None = faults(fault) if fault else None
     if response is None and fault is not None and fault.kind == "hang":
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(state.stopping.wait(), timeout=fault.seconds)
@@ -321,6 +337,52 @@ async def _serve(
             )
     entry.status = response.status
     return response
+
+
+# --------------------------------------------------------------------------------------
+# Anthropic's usage report (its model is simulator.anthropic)
+
+
+def _anthropic_error(err: anthropic.AnthropicError) -> web.Response:
+    return web.json_response(err.envelope(), status=err.status, headers=err.headers or None)
+
+
+def _anthropic_fault(fault: Fault) -> web.Response | None:
+    """A fault's error in Anthropic's envelope; 502 is the gateway's HTML page as anywhere."""
+    err = anthropic.fault_error(fault)
+    return _anthropic_error(err) if err is not None else _fault_response(fault)
+
+
+async def _anthropic_usage(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    entry = LogEntry(
+        query=request.rel_url.raw_query_string,
+        at=state.clock(),
+        auth_scheme="x-api-key" if request.headers.get("x-api-key") else None,
+    )
+    state.anthropic_log.append(entry)
+
+    async def answer() -> web.Response:
+        scenario = state.scenario
+        denied = anthropic.check_headers(
+            request.headers, scenario.anthropic_accepted_keys, scenario.anthropic_unscoped_keys
+        )
+        if denied is not None:
+            return _anthropic_error(denied)
+        pairs = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+        try:
+            page = anthropic.respond(
+                scenario, pairs, state.clock(), beta=anthropic.betas(request.headers)
+            )
+        except anthropic.AnthropicError as err:
+            return _anthropic_error(err)
+        return web.json_response(page)
+
+    return await _serve(request, "anthropic", entry, answer, faults=_anthropic_fault)
+
+
+async def _get_anthropic_log(request: web.Request) -> web.Response:
+    return web.json_response([e.to_json() for e in request.app[STATE].anthropic_log])
 
 
 # --------------------------------------------------------------------------------------
@@ -513,7 +575,8 @@ async def _set_keys(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await _json_body(request)
     updates: dict[str, set[str]] = {}
-    for name in ("admin_keys", "unscoped_keys"):
+    names = ("admin_keys", "unscoped_keys", "anthropic_admin_keys", "anthropic_unscoped_keys")
+    for name in names:
         if name in body:
             value = body[name]
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
@@ -525,12 +588,11 @@ async def _set_keys(request: web.Request) -> web.Response:
         state.scenario.admin_keys = updates["admin_keys"]
     if "unscoped_keys" in updates:
         state.scenario.unscoped_keys = updates["unscoped_keys"]
-    return web.json_response(
-        {
-            "admin_keys": len(state.scenario.admin_keys),
-            "unscoped_keys": len(state.scenario.unscoped_keys),
-        }
-    )
+    if "anthropic_admin_keys" in updates:
+        state.scenario.anthropic_admin_keys = updates["anthropic_admin_keys"]
+    if "anthropic_unscoped_keys" in updates:
+        state.scenario.anthropic_unscoped_keys = updates["anthropic_unscoped_keys"]
+    return web.json_response({name: len(getattr(state.scenario, name)) for name in names})
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -538,6 +600,7 @@ async def _reset(request: web.Request) -> web.Response:
     state.scenario.reset()
     state.log.clear()
     state.calls.clear()
+    state.anthropic_log.clear()
     return web.json_response({"reset": True})
 
 
@@ -562,11 +625,15 @@ async def _get_admin_log(request: web.Request) -> web.Response:
 
 def _stats(state: _State) -> dict[str, Any]:
     by_status = Counter(str(e.status) for e in state.log)
+    anthropic_by_status = Counter(str(e.status) for e in state.anthropic_log)
     return {
         "usage_requests": len(state.log),
         "by_status": dict(sorted(by_status.items())),
         "registered_requests": len(state.scenario.requests),
         "pending_faults": len(state.scenario.faults),
+        "anthropic_requests": len(state.anthropic_log),
+        "anthropic_by_status": dict(sorted(anthropic_by_status.items())),
+        "registered_anthropic_requests": len(state.scenario.anthropic_requests),
     }
 
 
@@ -579,6 +646,11 @@ async def _get_stats(request: web.Request) -> web.Response:
 
 
 async def _get_truth(request: web.Request) -> web.Response:
+    provider = request.query.get("provider", "openai")
+    if provider == "anthropic":
+        return web.json_response({"rows": anthropic.truth_rows(request.app[STATE].scenario)})
+    if provider != "openai":
+        return web.json_response({"error": "provider must be openai or anthropic"}, status=400)
     rows = request.app[STATE].scenario.truth()
     return web.json_response(
         {
@@ -683,6 +755,8 @@ def create_app(
     model = admin if admin is not None else AdminModel.from_json(scenario.admin)
     app[STATE] = _State(scenario=scenario, clock=clock, admin=model)
     app.router.add_get(USAGE_PATH, _usage)
+    app.router.add_get(anthropic.USAGE_REPORT_PATH, _anthropic_usage)
+    app.router.add_get("/_sim/anthropic/log", _get_anthropic_log)
     app.router.add_get(PROJECT_PATH, _admin_route(_get_project))
     app.router.add_post(f"{PROJECT_PATH}/service_accounts", _admin_route(_create_service_account))
     app.router.add_post(
@@ -777,6 +851,17 @@ class RunningSimulator:
         return f"{self.root_url}/v1"
 
     @property
+    def anthropic_base_url(self) -> str:
+        """Anthropic's API base, e.g. `http://127.0.0.1:8787` (TOKENSETTLE_ANTHROPIC_API_BASE_URL:
+        the client appends `/v1/organizations/usage_report/messages`)."""
+        return self.root_url
+
+    @property
+    def anthropic_request_log(self) -> list[LogEntry]:
+        """The Anthropic usage report requests received so far (live list, arrival order)."""
+        return self.app[STATE].anthropic_log
+
+    @property
     def request_log(self) -> list[LogEntry]:
         """The usage requests received so far (live list, arrival order)."""
         return self.app[STATE].log
@@ -841,6 +926,9 @@ async def serve_forever(
                 requests=len(scenario.requests),
                 admin_keys=len(scenario.accepted_keys),
                 default_key=not scenario.admin_keys,
+                anthropic_url=sim.anthropic_base_url,
+                anthropic_requests=len(scenario.anthropic_requests),
+                anthropic_default_key=not scenario.anthropic_admin_keys,
             )
             if on_ready is not None:
                 on_ready(sim)
