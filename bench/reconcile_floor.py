@@ -18,6 +18,9 @@ repeats. Page cache warm: the first floor reads every file once before pass 1.
     .venv/bin/python bench/reconcile_floor.py [--runs 1000] [--repeat 3]
     .venv/bin/python bench/reconcile_floor.py --full     # 10,000 runs
     .venv/bin/python bench/reconcile_floor.py --profile DIR   # py-spy stacks of each pass
+    .venv/bin/python bench/stacks.py DIR/pass1-seed0.txt      # where the time goes
+
+With --profile the wall times include py-spy's overhead: read the stacks, not the ratio.
 """
 
 from __future__ import annotations
@@ -76,16 +79,19 @@ def once(n: int, seed: int, profile: Path | None) -> dict[str, Any]:
         floors = [floor(work / "runs", work)]
         for k in (1, 2):
             time.sleep(1.1)  # STABILITY_INTERVAL
-            cmd = cmd_base = [str(BIN / "tokensettle"), "reconcile", "--json"]
+            cmd = [str(BIN / "tokensettle"), "reconcile", "--json"]
+            report_file = work / f"report{k}.json"
             if profile is not None:
                 # py-spy (`.venv/bin/pip install py-spy`): the work is in worker threads,
-                # which cProfile does not see. Raw (collapsed) stacks, every thread.
+                # which cProfile does not see. Raw (collapsed) stacks, every thread. py-spy
+                # prints to stdout too, so the report goes to a file (the shell execs
+                # reconcile: same pid, py-spy keeps sampling it).
                 prof = profile / f"pass{k}-seed{seed}.txt"
-                cmd = [str(BIN / "py-spy"), "record", "--format", "raw", "--rate", "250"]
-                cmd += ["--subprocesses", "--output", str(prof), "--", *cmd_base]
+                spy = [str(BIN / "py-spy"), "record", "--format", "raw", "--rate", "250"]
+                spy += ["--output", str(prof), "--", "sh", "-c", 'exec "$@" > "$0"']
+                cmd = [*spy, str(report_file), *cmd]
             wall, stdout = timed(cmd, env, work)
-            # py-spy prints lines of its own around the report
-            report, _ = json.JSONDecoder().raw_decode(stdout[stdout.index("{") :])
+            report = json.loads(report_file.read_text() if profile is not None else stdout)
             floors.append(floor(work / "runs", work))
             got_in = sum(r["totals"]["input_tokens"] for r in report["runs"] if r["totals"])
             out[f"pass{k}"] = {
