@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -37,16 +38,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import BIN, ADMIN_KEY, Simulator, clean_env, load_average, machine
+from common import ADMIN_KEY, BIN, Simulator, clean_env, load_average, machine
 from reconcile_batch import bench_keys, write_runs
 
 HERE = Path(__file__).resolve().parent
 
 
+#: CPU seconds (user + system) of the last `timed` command: on a shared machine the wall
+#: time swings with the other tenants' load, the CPU time much less
+last_cpu = [0.0]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
+    cpu = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
+    last_cpu[0] = _children_cpu() - cpu
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:3]} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return wall, proc.stdout
@@ -91,13 +104,17 @@ def once(n: int, seed: int, profile: Path | None) -> dict[str, Any]:
                 spy += ["--output", str(prof), "--", "sh", "-c", 'exec "$@" > "$0"']
                 cmd = [*spy, str(report_file), *cmd]
             wall, stdout = timed(cmd, env, work)
+            cpu = last_cpu[0]
             report = json.loads(report_file.read_text() if profile is not None else stdout)
             floors.append(floor(work / "runs", work))
+            floor_cpu = last_cpu[0]
             got_in = sum(r["totals"]["input_tokens"] for r in report["runs"] if r["totals"])
             out[f"pass{k}"] = {
                 "seconds": round(wall, 3),
                 "floor_seconds": round(floors[-1], 3),
                 "ratio": round(wall / floors[-1], 2),
+                "cpu_seconds": round(cpu, 3),
+                "floor_cpu_seconds": round(floor_cpu, 3),
                 "counts": report["counts"],
                 "tokens_exact": got_in == total_in,
             }
@@ -142,6 +159,9 @@ def main() -> int:
             "pass2_seconds": median("pass2", "seconds"),
             "pass2_floor_seconds": median("pass2", "floor_seconds"),
             "pass2_ratio": median("pass2", "ratio"),
+            "pass1_cpu_seconds": median("pass1", "cpu_seconds"),
+            "pass2_cpu_seconds": median("pass2", "cpu_seconds"),
+            "floor_cpu_seconds": median("pass2", "floor_cpu_seconds"),
             "both_ratio": round(statistics.median(both), 2),
         },
     }
