@@ -127,6 +127,12 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=300, help="files per writer")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between files")
     parser.add_argument("--writers", default=",".join(WRITERS))
+    parser.add_argument(
+        "--no-bill-check",
+        action="store_true",
+        help="BILL_CHECK_INTERVAL=0s: the daily bill check's first run (against an API "
+        "that is not there) holds the daemon's step, and the first writer's files, for seconds",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tokensettle-detect-"))
     root, state = work / "runs", work / "state"
@@ -149,6 +155,7 @@ def main() -> int:
         "TOKENSETTLE_STATE_DIR": str(state),
         "TOKENSETTLE_HTTP_ADDR": f"127.0.0.1:{free_port()}",
         "TOKENSETTLE_LOG_FORMAT": "json",
+        **({"TOKENSETTLE_BILL_CHECK_INTERVAL": "0s"} if args.no_bill_check else {}),
     }
     proc = subprocess.Popen(
         [str(BIN / "tokensettle"), "run"], env=env, stdout=subprocess.PIPE, cwd=work
@@ -187,7 +194,8 @@ def main() -> int:
         json.dumps(
             {
                 "command": f"python bench/detection_latency.py --files {args.files} "
-                f"--interval {args.interval}",
+                f"--interval {args.interval} --writers {args.writers}"
+                + (" --no-bill-check" if args.no_bill_check else ""),
                 "machine": (
                     f"{platform.machine()}, {os.cpu_count()} cores, "
                     f"Python {platform.python_version()}"

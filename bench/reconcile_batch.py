@@ -32,16 +32,25 @@ KEYS = {
 ADMIN = "sk-admin-simulator-0000"
 
 
+def bench_keys(frameworks: int) -> dict[str, str]:
+    """Framework -> its API key id: the three of `KEYS`, then `fw03`, `fw04`, ... (so that
+    10,000 runs of a day need not overlap on a key: ~300 fit a key's day one by one)."""
+    keys = dict(list(KEYS.items())[:frameworks])
+    for k in range(len(keys), frameworks):
+        keys[f"fw{k:02d}"] = f"key_fw{k:02d}BENCH{k:07d}"
+    return keys
+
+
 def write_runs(
-    root: Path, n: int, now: float, rng: random.Random
+    root: Path, n: int, now: float, rng: random.Random, keys: dict[str, str] = KEYS
 ) -> tuple[list[dict[str, Any]], int]:
     """N runs, round-robin over frameworks, ending between 23.5 h and 40 min ago."""
     requests: list[dict[str, Any]] = []
     total_in = 0
     span = 23.5 * 3600 - 40 * 60
-    frameworks = list(KEYS)
+    frameworks = list(keys)
     for i in range(n):
-        fw = frameworks[i % 3]
+        fw = frameworks[i % len(frameworks)]
         end = now - 40 * 60 - span * (1 - i / n)
         start = end - rng.randint(60, 200)
         steps = []
@@ -64,7 +73,7 @@ def write_runs(
             requests.append(
                 {
                     "time": (t + e) / 2,
-                    "api_key_id": KEYS[fw],
+                    "api_key_id": keys[fw],
                     "project_id": "proj_bench",
                     "model": "gpt-4o-mini-2024-07-18",
                     "usage": {

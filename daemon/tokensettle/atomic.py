@@ -156,7 +156,8 @@ def read_snapshot(path: Path | str, max_bytes: int = MAX_FILE_BYTES) -> Snapshot
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory: what makes a rename in it survive a crash."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -238,7 +239,7 @@ def publish(path: Path, data: bytes, *, mode: int = 0o644, replace: bool = True)
             _link_exclusive(tmp, path)
     finally:
         _discard(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _link_exclusive(tmp: Path, path: Path) -> None:
@@ -380,6 +381,7 @@ def rewrite(
     max_retries: int = 3,
     before_replace: Callable[[], None] | None = None,
     use_exchange: bool = True,
+    sync_dir: Callable[[Path], None] | None = fsync_dir,
 ) -> WriteResult:
     """Atomically replace `path` with `transform(current bytes)`.
 
@@ -388,6 +390,9 @@ def rewrite(
     kept and ours is applied on top. A read-only file (no write bit) is refused.
     `before_replace` is a test seam (after the temp is written, before the check);
     `use_exchange=False` forces the compare-and-replace used where renameat2 is missing.
+    `sync_dir` makes the swap durable (the directory fsync); None leaves it to the
+    filesystem: after a crash the file is then whole, either as it was or as we wrote it
+    (the temp file is always fsynced before the swap), but it may be as it was.
     """
     snap = first or read_snapshot(path)
     for attempt in range(max_retries + 1):
@@ -413,7 +418,8 @@ def rewrite(
         finally:
             _discard(tmp)  # what the exchange displaced, or our temp if it was not used
         if installed:
-            _fsync_dir(path.parent)
+            if sync_dir is not None:
+                sync_dir(path.parent)
             return WriteResult(True, new, attempt)
         snap = current if current.raw != snap.raw else read_snapshot(path)
     raise ConflictError(

@@ -106,6 +106,8 @@ class Daemon:
         self.live = LiveReport(lambda: self.settings, self.roots)
         self.keeper: LeaseKeeper | None = None
         self.bills: BillWatch | None = None
+        #: the bill check under way: it runs beside the steps, never inside one
+        self._bill_task: asyncio.Task[None] | None = None
         self.next_rescan = 0.0
         self.next_revoke = 0.0
         self.exit_code = EXIT_OK
@@ -271,7 +273,11 @@ class Daemon:
     def _next_wake(self) -> float:
         now_mono = time.monotonic()
         candidates = [self.next_rescan - now_mono, self.next_revoke - now_mono, 30.0]
-        if self.bills is not None and self.settings.bill_check_interval.total_seconds() > 0:
+        if (
+            self.bills is not None
+            and self.settings.bill_check_interval.total_seconds() > 0
+            and not self._bill_running()
+        ):
             candidates.append(self.bills.next_at - now_mono)
         point = self._due_point()
         if point is not None:
@@ -310,8 +316,23 @@ class Daemon:
                 self.next_revoke = 0.0  # a run with a declared scope settled: look now
         if time.monotonic() >= self.next_revoke:
             await self._revoke()
-        if self.bills is not None and self.bills.due():
-            await self.bills.run()
+        if self.bills is not None:
+            self._check_bill(self.bills)
+
+    def _bill_running(self) -> bool:
+        return self._bill_task is not None and not self._bill_task.done()
+
+    def _check_bill(self, bills: BillWatch) -> None:
+        """Start the bill check when due, as a task of its own: it reads two endpoints
+        with retries, and a slow or unreachable API held every file event and round
+        behind it for seconds. A check that raised fails the daemon, as inline."""
+        task = self._bill_task
+        if task is not None and task.done():
+            self._bill_task = None
+            task.result()
+        if self._bill_task is None and bills.due():
+            self._bill_task = asyncio.create_task(bills.run())
+            self._bill_task.add_done_callback(lambda _task: self.bridge.wake.set())
 
     async def _revoke(self) -> None:
         """Delete leased keys whose runs are all settled (see leasekeeper)."""
@@ -473,6 +494,10 @@ class Daemon:
         finally:
             if ping is not None:
                 ping.cancel()
+            if self._bill_task is not None:
+                self._bill_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._bill_task
             self.bridge.stop()
             if self.server is not None:
                 await self.server.stop()

@@ -259,8 +259,11 @@ def genai_usage_values(usage: Usage) -> dict[str, int]:
 
 def _priced_units(model_price: ModelPrice) -> list[tuple[UnitDef, Decimal | TieredPrices]]:
     units: list[tuple[UnitDef, Decimal | TieredPrices]] = []
+    # A ModelPrice keeps the prices it has in its __dict__ and answers None for every other
+    # registered key through __getattr__, which costs a registry lookup per key and run.
+    prices = vars(model_price)
     for unit in _REGISTRY.units.values():
-        value = getattr(model_price, unit.price_key)
+        value = prices.get(unit.price_key)
         if value is not None:
             units.append((unit, value))
     return units

@@ -291,7 +291,9 @@ class Registry:
         record = loaded.record
         if record is None:
             if not trailing and loaded.found.skip_reason is None:
-                # Possibly caught mid-write: look again once the path has been quiet.
+                # Possibly caught mid-write: look again once the path has been quiet
+                # (or at once when its writer closes it: the watcher's close event).
+                log.debug("run.deferred", path=str(path), reason=loaded.error)
                 self.defer(path)
                 return
             state = "skipped" if loaded.found.skip_reason else Status.ERROR.value

@@ -359,7 +359,12 @@ def load_document(raw: bytes) -> dict[str, Any]:
 
 def parse_run(raw: bytes, path: Path, framework: str, grace: int) -> RunRecord:
     """Read one metrics.json. Raises RunFileError with a one-line reason."""
-    doc = load_document(raw)
+    return run_of_document(load_document(raw), path, framework, grace)
+
+
+def run_of_document(doc: Mapping[str, Any], path: Path, framework: str, grace: int) -> RunRecord:
+    """The record of a document `load_document` returned (it is only read), for a caller
+    that needs the document too and should not parse the bytes twice."""
     run_id = doc.get("run_id", path.parent.name)
     if not isinstance(run_id, str) or not run_id:
         raise RunFileError(f"'run_id' is {type(run_id).__name__}, expected a non-empty string")
@@ -444,12 +449,19 @@ class JsonStyle:
         return (UTF8_BOM if self.bom else b"") + text.encode("utf-8", "backslashreplace")
 
 
-def detect_style(raw: bytes) -> JsonStyle:
+#: a line that opens with an object key, and the key separator after it
+_KEY_LINE = re.compile(r'\n[ \t]*"(?:[^"\\\n]|\\.)*"(: ?)')
+
+
+def detect_style(raw: bytes, doc: Any = None) -> JsonStyle:
     """The json.dumps arguments that reproduce `raw` (exactly, for any file json.dumps wrote).
 
-    The indent and newline are read off the text; the separators and ASCII escaping are
-    confirmed by re-serialising, since the text alone can mislead (a string may contain
-    ", " or ": "). A file no candidate reproduces keeps its detected indent.
+    An indented file's style is read off its text alone: JSON escapes every newline inside
+    a string, so each newline of the text is structural, every item separator ends a line
+    (`", "` leaves a space before it) and a line that opens with a string and a colon opens
+    with a key. A compact file (one line) is confirmed by re-serialising `doc` (its parse
+    of `raw`; parsed here when not given), since a string may contain ", " or ": "; that is
+    one call of the C encoder per candidate. A file nothing reproduces keeps its indent.
     """
     try:
         text, bom = _text(raw)
@@ -463,18 +475,28 @@ def detect_style(raw: bytes) -> JsonStyle:
         indent = len(ws) if set(ws) == {" "} else ws
     elif "\n" in text.strip():
         indent = 0
-    ascii_first = not any(ord(c) > 127 for c in text)
-    default_item = "," if indent is not None else ", "
+    # ensure_ascii=True never writes a non-ASCII character; on ASCII text it is exact
+    ascii_text = text.isascii()
+    if indent is not None:
+        key = _KEY_LINE.search(text)
+        return JsonStyle(
+            indent,
+            ascii_text,
+            ", " if ", \n" in text else ",",
+            key.group(1) if key else ": ",
+            trailing,
+            bom,
+        )
     candidates = [
-        JsonStyle(indent, ensure_ascii, item_sep, key_sep, trailing, bom)
-        for ensure_ascii in (ascii_first, not ascii_first)
-        for item_sep in (default_item, ", " if default_item == "," else ",")
+        JsonStyle(None, ascii_text, item_sep, key_sep, trailing, bom)
+        for item_sep in (", ", ",")
         for key_sep in (": ", ":")
     ]
-    try:
-        doc = load_document(raw)
-    except RunFileError:
-        return candidates[0]
+    if doc is None:
+        try:
+            doc = load_document(raw)
+        except RunFileError:
+            return candidates[0]
     for candidate in candidates:
         if candidate.dumps(doc) == raw:
             return candidate

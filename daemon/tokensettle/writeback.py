@@ -8,14 +8,14 @@ request), and nothing already in the file changes.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import structlog
 
-from tokensettle.atomic import ConflictError, Snapshot, rewrite
+from tokensettle.atomic import ConflictError, Snapshot, fsync_dir, rewrite
 from tokensettle.manifest import ManifestUpdate, find_manifest, update_manifest
 from tokensettle.runfile import (
     Patch,
@@ -25,8 +25,9 @@ from tokensettle.runfile import (
     detect_style,
     load_document,
     parse_run,
+    run_of_document,
 )
-from tokensettle.stability import Verdict
+from tokensettle.stability import Status, Verdict
 from tokensettle.usage import Usage
 
 log = structlog.get_logger("tokensettle.writeback")
@@ -49,9 +50,17 @@ class Written:
 class RunWriter:
     """Patches run files through atomic compare-and-swap rewrites."""
 
-    def __init__(self, grace: int, *, secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        grace: int,
+        *,
+        secrets: Sequence[str] = (),
+        sync_dir: Callable[[Path], None] = fsync_dir,
+    ) -> None:
         self.grace = grace
         self.secrets = [s for s in secrets if s]
+        #: makes a swap durable (a seam: tests count the calls)
+        self.sync_dir = sync_dir
 
     def write(
         self,
@@ -67,17 +76,22 @@ class RunWriter:
             # The file may have been changed by its writer since we read it: re-read it,
             # and give up (the next pass sees the new content) if its window moved.
             try:
-                current = parse_run(raw, record.path, record.framework, self.grace)
+                doc = load_document(raw)
+                current = run_of_document(doc, record.path, record.framework, self.grace)
             except RunFileError:
                 return None
             if current.window != record.window:
                 return None
-            doc = load_document(raw)
             patched = apply_patch(doc, patch, current.steps, append_attempt, redact=self.secrets)
-            return detect_style(raw).dumps(patched)
+            return detect_style(raw, doc).dumps(patched)
 
         try:
-            result = rewrite(record.path, transform, first=first)
+            result = rewrite(
+                record.path,
+                transform,
+                first=first,
+                sync_dir=self.sync_dir if must_last(patch) else None,
+            )
         except (ConflictError, OSError) as exc:
             error = getattr(exc, "strerror", None) or str(exc)
             if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in error:
@@ -115,6 +129,14 @@ class RunWriter:
             update_manifest(manifest, update)
         except (OSError, ValueError) as exc:
             log.warning("manifest.update_failed", path=str(manifest), error=str(exc))
+
+
+def must_last(patch: Patch) -> bool:
+    """Whether a write must survive a crash (temp fsync, swap, directory fsync). Only an
+    attempt that leaves the run `pending` and changes no token field may skip the
+    directory fsync: if a crash loses it, the file is as the previous attempt left it and
+    the run is polled once more; it can never hold a wrong number (docs/decisions.md)."""
+    return patch.verdict.writes_tokens or patch.verdict.status is not Status.PENDING
 
 
 def _snapshot_of(path: Path, raw: bytes) -> Snapshot | None:

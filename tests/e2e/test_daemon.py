@@ -474,6 +474,29 @@ async def test_a_file_written_during_a_poll_is_seen_at_once(world: World) -> Non
     world.assert_verified(newcomer)
 
 
+async def test_an_in_place_write_is_read_when_closed_not_after_the_settle_delay(
+    world: World,
+) -> None:
+    # Written in place, a file is first seen empty (its creation event) and was looked at
+    # again only SETTLE_DELAY later; the close-after-write event says the writer is done.
+    run = world.run("chatdev", "in-place", 0, (1500, 150, 2))
+    await world.register(run)
+    path = world.path(run)
+    path.parent.mkdir(parents=True)
+    daemon = await world.start(TOKENSETTLE_SETTLE_DELAY="1h", TOKENSETTLE_LOG_LEVEL="debug")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        await daemon.wait_event("run.deferred", path=str(path), reason="file is empty")
+        os.write(fd, run.data)
+    finally:
+        os.close(fd)
+    # Only the close event can bring it in before the hour is up (and the rescan's 10 min).
+    scheduled = await daemon.wait_event("run.scheduled", path=str(path))
+    assert scheduled["attempts"] == 0
+    await daemon.wait_event("run.settled", WAIT, run_id="in-place", status="verified")
+    world.assert_verified(run)
+
+
 async def test_a_run_directory_renamed_inside_the_root_still_verifies(world: World) -> None:
     run = world.run("chatdev", "tmp-name", 0, (3300, 330, 3))
     await world.register(run)

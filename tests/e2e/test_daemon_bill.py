@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import World
-from tests.support.daemon import Daemon, wait_for
+from tests.support.daemon import Daemon, wait_for, write_in_place
 from tests.support.runs import virtual_request
 
 pytestmark = pytest.mark.e2e
@@ -61,4 +61,26 @@ async def test_a_bill_check_that_cannot_read_the_costs_degrades_and_backs_off(
 
     (problem,) = await wait_for(bill_problem, WAIT, what="a bill problem in /healthz")
     assert "bill check failed" in problem["message"]
+    assert await daemon.terminate() == 0
+
+
+async def test_a_hanging_bill_check_does_not_hold_file_events(world: World) -> None:
+    # The bill check ran inside the daemon's step: while its usage read hung, no file
+    # event was looked at (detection_latency: the first files after start took 4-6 s).
+    run = world.run("chatdev", "during-bill", 0, (1000, 100, 1))
+    await world.register(run)
+    await world.control.faults({"kind": "hang", "seconds": 25})
+    path = world.path(run)
+    path.parent.mkdir(parents=True)
+    daemon = await world.start(
+        TOKENSETTLE_BILL_CHECK_INTERVAL="1h", TOKENSETTLE_REQUEST_TIMEOUT="30s"
+    )
+    await wait_for(
+        lambda: any(e.fault == "hang" for e in world.sim.request_log),
+        WAIT,
+        what="the bill check's hanging request",
+    )
+    write_in_place(path, run.data)
+    await daemon.wait_event("run.scheduled", WAIT, path=str(path))
+    assert not daemon.find("bill.checked") and not daemon.find("bill.check_failed")
     assert await daemon.terminate() == 0

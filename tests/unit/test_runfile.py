@@ -346,13 +346,28 @@ json_docs = st.dictionaries(json_keys, json_values, max_size=6)
     st.sampled_from([2, 4, None, "\t"]),
     st.booleans(),
     st.booleans(),
+    st.sampled_from([None, (", ", ": "), (",", ":"), (", ", ":"), (",", ": ")]),
 )
 def test_detect_style_round_trips_json_dumps_output(
-    doc: dict[str, Any], indent: int | str | None, ensure_ascii: bool, newline: bool
+    doc: dict[str, Any],
+    indent: int | str | None,
+    ensure_ascii: bool,
+    newline: bool,
+    separators: tuple[str, str] | None,
 ) -> None:
-    text = json.dumps(doc, indent=indent, ensure_ascii=ensure_ascii)
+    text = json.dumps(doc, indent=indent, ensure_ascii=ensure_ascii, separators=separators)
     data = (text + ("\n" if newline else "")).encode()
     assert detect_style(data).dumps(json.loads(data)) == data
+    assert detect_style(data, json.loads(data)) == detect_style(data)
+
+
+def test_detect_style_reads_an_indented_file_without_parsing_it() -> None:
+    """The separators of an indented file come from its structure, not from a string
+    that looks like one (and no trial dump is needed to tell)."""
+    data = b'{\n  "k": "say \\"a\\":b, ",\n  "n": [\n    1\n  ]\n}'
+    assert detect_style(data) == JsonStyle(2, True, ",", ": ", False)
+    spaced = json.dumps({"k": 'x":y', "n": [1, 2]}, indent=1, separators=(", ", ":")).encode()
+    assert detect_style(spaced) == JsonStyle(1, True, ", ", ":", False)
 
 
 @pytest.mark.parametrize("indent", [0, 1, 3, 8])
