@@ -225,9 +225,13 @@ class Registry:
         ours = self.ours.get(path)
         return ours if tracked is not None and tracked.digest == ours else None
 
-    async def look(self, paths: Iterable[Path], *, trailing: bool = False) -> None:
-        """(Re)read these run files in a worker thread and (re)schedule them."""
-        wanted = [(p, self._echo(p)) for p in paths]
+    async def look(
+        self, paths: Iterable[Path], *, trailing: bool = False, echo: bool = True
+    ) -> None:
+        """(Re)read these run files in a worker thread and (re)schedule them. `echo`
+        False: admit them even when the run file is the one we last wrote (its scope
+        file changed, which the run file's digest does not show)."""
+        wanted = [(p, self._echo(p) if echo else None) for p in paths]
         if not wanted:
             return
         probes = await asyncio.to_thread(lambda: [self._probe(p, e) for p, e in wanted])
@@ -266,9 +270,10 @@ class Registry:
 
     async def rescope(self, paths: list[Path]) -> None:
         """Runs whose declared scope file changed: read them again, settled ones too (the
-        index would skip an unchanged metrics.json)."""
+        index would skip an unchanged metrics.json, and so would the echo check: the run
+        file is still the one we last wrote)."""
         self.index.forget([str(p) for p in paths])
-        await self.look(paths, trailing=True)
+        await self.look(paths, trailing=True, echo=False)
 
     def forget(self, path: Path) -> None:
         self.tracked.pop(path, None)
