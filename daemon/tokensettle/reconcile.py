@@ -712,6 +712,7 @@ class Reconciler:
             provenance=self._provenance(record, result.fetched),
             local_tolerance=self.settings.local_tolerance,
             provider=self.scope_of(record).provider,
+            scope=self.scope_of(record),
         )
         verdict, usage = settled.verdict, settled.totals
         written = self._write(entry, settled.patch, dry_run)

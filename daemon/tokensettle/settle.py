@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from tokensettle.stability import (
     fingerprint,
     owners_fingerprint,
 )
-from tokensettle.usage import OPENAI, Usage
+from tokensettle.usage import OPENAI, Scope, Usage
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ def settle(
     provenance: dict[str, Any],
     local_tolerance: float = DEFAULT_TOLERANCE,
     provider: str = OPENAI,
+    scope: Scope | None = None,
 ) -> Settled:
     """Decide the run's status from this attempt and build the patch for its file.
 
@@ -112,7 +114,13 @@ def settle(
     usage = share.usage
     totals = Totals.of(usage)
     fp = fingerprint(share.per_minute)
-    owners = owners_fingerprint(share.co_owners())
+    # Who else shares the run's minutes, and under which scope the run itself was read:
+    # a change of either (a neighbour found late, a declaration written after a poll)
+    # restarts stability, and a drop it explains is not a warning.
+    basis = [*share.co_owners()]
+    if scope is not None:
+        basis.append("scope:" + json.dumps(scope.to_json(), sort_keys=True))
+    owners = owners_fingerprint(basis)
     verdict = decide(
         record.attempts,
         AttemptRecord(now, totals, fp, None, owners),

@@ -171,3 +171,29 @@ async def test_reconcile_deletes_a_leased_key_once_its_run_is_settled(
     assert store.load().get(key.id) is not None  # recorded, without its value
     assert key.value not in (Path(settings.state_dir) / "leases.json").read_text()
     assert KEYS["chatdev"] not in json.dumps(_block(run_dir / "metrics.json")["provenance"])
+
+
+async def test_a_scope_declared_after_a_poll_restarts_stability_rather_than_warn(
+    stage: Stage,
+) -> None:
+    """A run polled under its framework's key, then given its own key by a declaration
+    written later: the lower totals under its own key are not 'totals went down'."""
+    end = stage.end
+    path = write_run(stage.root, "chatdev", "late-decl", [(end - 120, end)])
+    await stage.control.add(
+        [
+            virtual_request(end - 60, "chatdev", 7000, 700, 4),  # the framework's key
+            _leased_request(end - 50, 500, 50, 1),  # the run's own key
+        ]
+    )
+    reconciler = stage.reconciler()
+    first = await reconciler.run_once()
+    assert [o.state for o in first.outcomes] == ["pending"]
+    assert _block(path)["attempts"][-1]["total_tokens_in"] == 7000  # type: ignore[index]
+    write_declaration(path.parent, Declaration(api_key_ids=(LEASED,)))
+    stage.clock.advance(minutes=2)
+    assert await stage.settle(reconciler) == ["verified"], _block(path)["attempts"]
+    block = _block(path)
+    assert (block["total_tokens_in"], block["total_tokens_out"]) == (500, 50)
+    statuses = [a["status"] for a in block["attempts"]]  # type: ignore[union-attr]
+    assert "warning" not in statuses, statuses
