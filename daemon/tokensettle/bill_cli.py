@@ -25,7 +25,6 @@ settings model nor aiohttp nor the price table.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -145,6 +144,8 @@ def check_for_report(
     from tokensettle.usage_api import AuthError, UsageApiError
 
     try:
+        import asyncio  # here: building the parser of every command needs none
+
         return asyncio.run(run_check(settings, days=days, projects=projects, now=now))
     except ConfigError as exc:
         return BillUnavailable(str(exc))
@@ -168,6 +169,8 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     configure(level=settings.log_level, fmt=settings.log_format, secrets=settings.secrets())
     try:
+        import asyncio  # here, as above
+
         check = asyncio.run(run_check(settings, days=args.days, projects=args.projects))
     except ConfigError as exc:
         fatal(f"config error: {exc}", event="config.invalid")
