@@ -250,6 +250,10 @@ class Tree:
         with self._lock:
             return len(self._key_of)
 
+    def watching(self, directory: str | bytes) -> bool:
+        with self._lock:
+            return os.fsencode(directory).rstrip(b"/") in self._key_of
+
     def alive(self) -> bool:
         return self._fd.is_alive()
 
