@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port, load_average, status_kb
+from common import BIN, cpu_seconds, free_port, load_average, status_kb
 
 FRAMEWORKS = {"chatdev": "key_chatdevBENCH01", "baes": "key_baesBENCH00002", "ghspec": "key_gh3"}
 
@@ -251,6 +251,7 @@ def start_once(work: Path, settle: float) -> dict[str, Any]:
             ready = event
             break
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds(proc.pid) if proc.poll() is None else None
     watches = inotify_watches(proc.pid)
     deadline = time.monotonic() + settle
     while ready is not None and time.monotonic() < deadline and proc.poll() is None:
@@ -264,6 +265,7 @@ def start_once(work: Path, settle: float) -> dict[str, Any]:
         raise RuntimeError(f"daemon exited {proc.returncode} before daemon.ready")
     return {
         "seconds_to_ready": round(seconds, 2),
+        "cpu_seconds_to_ready": round(cpu, 2) if cpu is not None else None,
         "rescan_seconds": rescanned.get("seconds"),
         "parsed": rescanned.get("parsed"),
         "skipped_finished": rescanned.get("skipped_finished"),

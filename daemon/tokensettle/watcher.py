@@ -8,7 +8,7 @@ overflow triggers a rescan too.
 
 On Linux (inotify roots) only the directories that can still change are watched: the
 roots, every directory on the way to a run, and the run directories whose run is not
-settled (`Tree`, on watchdog's shared `InotifyFD`, one reader thread for all watches). A
+settled (`Tree`, on watchdog's `InotifyFD`, one reader thread for all watches). A
 settled run's directory holds no watch; the periodic rescan notices it changing (a stat
 each). Polled roots, and other platforms, keep watchdog's recursive watch of the root.
 """
@@ -43,7 +43,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
-from watchdog.utils import UnsupportedLibcError
+from watchdog.utils import BaseThread, UnsupportedLibcError
 
 try:  # Linux only: watchdog's inotify wrapper binds libc's inotify functions on import
     from watchdog.observers import inotify_c
@@ -173,7 +173,7 @@ _SCOPE = os.fsencode(SCOPE_FILE)
 
 
 class Tree:
-    """Inotify watches on chosen directories, on watchdog's shared `InotifyFD`.
+    """Inotify watches on chosen directories, on watchdog's `InotifyFD` (one reader thread).
 
     `watch(d)` (from any thread, before `d` is listed) and `unwatch(d)` say which
     directories are watched; a directory created or moved in under a watched one is
@@ -199,7 +199,11 @@ class Tree:
         self._isdir, self._create = c.IN_ISDIR, c.IN_CREATE
         self._moved_to, self._moved_from, self._delete = c.IN_MOVED_TO, c.IN_MOVED_FROM, c.IN_DELETE
         self._close_write = c.IN_CLOSE_WRITE
-        self._fd = fd or inotify_c.InotifyFD.get_instance()
+        # Its own instance, as watchdog's InotifyObserver does: one reader thread for all
+        # of this tree's watches, stopped with it (a shared one outlives every user).
+        self._fd = fd or inotify_c.InotifyFD()
+        if not self._fd.is_alive():
+            self._fd.start()
         #: one callback id per watch: the same directory met under a new name (moved,
         #: not yet reported) gets its own, so watchdog never sees an id twice on a watch
         self._ids = itertools.count(1)
@@ -254,6 +258,10 @@ class Tree:
         with self._lock:
             return os.fsencode(directory).rstrip(b"/") in self._key_of
 
+    @property
+    def reader(self) -> BaseThread:
+        return self._fd
+
     def alive(self) -> bool:
         return self._fd.is_alive()
 
@@ -264,8 +272,9 @@ class Tree:
             self._key_of.clear()
             self._path_of.clear()
             self._kids.clear()
-        # The shared reader thread stays: watchdog never restarts a closed instance.
         self._fd.remove_callbacks(keys)
+        self._fd.stop()  # closes the inotify instance and wakes its reader
+        self._fd.join(timeout=5)
 
     def _forget(self, path: bytes) -> list[_Key]:
         """Drop the book-keeping of `path` and its subtree (lock held); their keys."""
@@ -438,6 +447,10 @@ class Watcher:
     def watches(self) -> int | None:
         """Directories watched one by one (None: roots watched recursively only)."""
         return self.tree.count() if self.tree is not None else None
+
+    def threads(self) -> list[BaseThread]:
+        """watchdog's threads behind this watcher (an exception would end one)."""
+        return [*self._observers, *([self.tree.reader] if self.tree is not None else [])]
 
     def alive(self) -> bool:
         tree_alive = self.tree is None or self.tree.alive()
