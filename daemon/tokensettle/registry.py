@@ -283,13 +283,20 @@ class Registry:
             out: list[Path] = []
             for directory in inside:
                 root = next(r for r in self.roots if directory.is_relative_to(r))
-                out.extend(
+                # A metrics.json that is no regular file (a FIFO) is looked at too: the
+                # look reports it, and its creation may predate the watch.
+                skipped: list[Found] = []
+                found = [
                     Path(e.path)
                     for e in run_entries(
-                        directory, watch=self.watch_dir, top_is_root=directory == root
+                        directory,
+                        watch=self.watch_dir,
+                        skipped=skipped,
+                        top_is_root=directory == root,
                     )
-                    if self.root_of(Path(e.path)) == root
-                )
+                ]
+                found.extend(f.path for f in skipped if f.path.name == RUN_FILE)
+                out.extend(p for p in found if self.root_of(p) == root)
             return out
 
         await self.look(await asyncio.to_thread(find))
