@@ -8,11 +8,15 @@ from process start to its `daemon.ready` line:
   is parsed (and the index rebuilt);
 - `index`: the index from the previous start present: a stat per file.
 
-Each start is stopped with SIGTERM once ready. The page cache is warm (the files were
+Each start is stopped with SIGTERM once ready, after `--settle` seconds in which the
+steady RSS (VmRSS) is read; the peak (VmHWM) is read then too, and the inotify watches the
+process holds are counted from /proc/<pid>/fdinfo. The page cache is warm (the files were
 just written or read), as after a service restart; nothing is polled (no API calls).
-The tree is deleted at the end unless --keep. Goal: < 5 s with the index.
+The tree is deleted at the end unless --keep (or --tree, which reuses a kept tree).
+Goal (issue 11): < 2 s to ready with the index, RSS < 100 MB steady, < 150 MB peak.
 
     .venv/bin/python bench/restart_index.py [--runs 100000] [--repeat 3] [--keep]
+        [--tree DIR] [--index-only] [--settle 5]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common import BIN, free_port
+from common import BIN, cpu_seconds, free_port, load_average, status_kb
 
 FRAMEWORKS = {"chatdev": "key_chatdevBENCH01", "baes": "key_baesBENCH00002", "ghspec": "key_gh3"}
 
@@ -198,7 +202,26 @@ def mtimes(root: Path) -> dict[str, int]:
     return out
 
 
-def start_once(work: Path) -> dict[str, Any]:
+def inotify_watches(pid: int) -> int | None:
+    """The inotify watches a process holds (one `inotify wd:` line each in fdinfo)."""
+    total, found = 0, False
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd) != "anon_inode:inotify":
+                    continue
+                info = (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text()
+            except OSError:
+                continue
+            found = True
+            total += sum(1 for line in info.splitlines() if line.startswith("inotify wd:"))
+    except OSError:
+        return None
+    return total if found else None
+
+
+def start_once(work: Path, settle: float) -> dict[str, Any]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("TOKENSETTLE_", "OPENAI_"))},
         "TOKENSETTLE_RUNS_DIRS": str(work / "runs"),
@@ -228,16 +251,28 @@ def start_once(work: Path) -> dict[str, Any]:
             ready = event
             break
     seconds = time.perf_counter() - t0
+    cpu = cpu_seconds(proc.pid) if proc.poll() is None else None
+    watches = inotify_watches(proc.pid)
+    deadline = time.monotonic() + settle
+    while ready is not None and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)  # a fixed idle period to measure, not a synchronisation
+    hwm = rss = None
+    if proc.poll() is None:
+        hwm, rss = status_kb(proc.pid, "VmHWM"), status_kb(proc.pid, "VmRSS")
     proc.terminate()
     proc.communicate(timeout=60)
     if ready is None:
         raise RuntimeError(f"daemon exited {proc.returncode} before daemon.ready")
     return {
         "seconds_to_ready": round(seconds, 2),
+        "cpu_seconds_to_ready": round(cpu, 2) if cpu is not None else None,
         "rescan_seconds": rescanned.get("seconds"),
         "parsed": rescanned.get("parsed"),
         "skipped_finished": rescanned.get("skipped_finished"),
         "tracked": ready.get("tracked"),
+        "inotify_watches": watches,
+        "peak_rss_mb": round(hwm / 1024, 1) if hwm else None,
+        f"rss_after_{settle:g}s_mb": round(rss / 1024, 1) if rss else None,
         "exit_code": proc.returncode,
     }
 
@@ -252,34 +287,46 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the generated tree")
+    parser.add_argument("--tree", type=Path, help="reuse (or create and keep) this tree")
+    parser.add_argument(
+        "--index-only", action="store_true", help="skip the start without the index"
+    )
+    parser.add_argument("--settle", type=float, default=5.0, help="idle seconds before RSS")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tokensettle-restart-"))
-    (work / "state").mkdir()
+    work = args.tree or Path(tempfile.mkdtemp(prefix="tokensettle-restart-"))
+    keep = args.keep or args.tree is not None
+    (work / "state").mkdir(parents=True, exist_ok=True)
+    load = load_average()
     try:
-        generate_s = generate(work / "runs", args.runs)
+        generate_s = 0.0 if (work / "runs").is_dir() else generate(work / "runs", args.runs)
         before = mtimes(work / "runs")
         runs: dict[str, list[dict[str, Any]]] = {"no_index": [], "index": []}
+        if args.index_only and not (work / "state" / "index.sqlite3").exists():
+            start_once(work, 0)  # build the index once
         for _ in range(args.repeat):
-            for path in (work / "state").glob("index.sqlite3*"):
-                path.unlink()
-            runs["no_index"].append(start_once(work))  # parses every file, rebuilds the index
-            runs["index"].append(start_once(work))
+            if not args.index_only:
+                for path in (work / "state").glob("index.sqlite3*"):
+                    path.unlink()
+                # parses every file, rebuilds the index
+                runs["no_index"].append(start_once(work, args.settle))
+            runs["index"].append(start_once(work, args.settle))
         changed = sum(1 for p, m in mtimes(work / "runs").items() if before.get(p) != m)
         summary = {
             "command": f"python bench/restart_index.py --runs {args.runs} --repeat {args.repeat}",
             "machine": (
                 f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
             ),
-            "runs": args.runs,
+            "load_average": f"{load} -> {load_average()}",
+            "runs": len(before),
             "generate_seconds": round(generate_s, 1),
             "files_changed_by_the_daemon": changed,
             "median_seconds_to_ready": {
-                k: median([r["seconds_to_ready"] for r in v]) for k, v in runs.items()
+                k: median([r["seconds_to_ready"] for r in v]) for k, v in runs.items() if v
             },
             "starts": runs,
         }
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary, indent=2))
     return 0

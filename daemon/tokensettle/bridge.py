@@ -123,7 +123,7 @@ class WatchBridge:
     # ------------------------------------------------------------------ the watcher
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start watching (blocking: watchdog adds its watches here)."""
+        """Start watching the roots (the start scan watches what is under them)."""
         self.watcher = Watcher(
             self.roots,
             mode=self.mode,
@@ -137,6 +137,19 @@ class WatchBridge:
             poll_interval=self.poll_interval,
         )
         self.watcher.start()
+
+    def watch(self, directory: str) -> None:
+        """Watch a directory about to be listed (from any thread; see `Watcher.watch`)."""
+        if self.watcher is not None:
+            self.watcher.watch(directory)
+
+    def unwatch(self, directory: str) -> None:
+        """A settled run's directory needs no watch (see `Watcher.unwatch`)."""
+        if self.watcher is not None:
+            self.watcher.unwatch(directory)
+
+    def watches(self) -> int | None:
+        return self.watcher.watches() if self.watcher is not None else None
 
     def alive(self) -> bool:
         return self.watcher is not None and self.watcher.alive()

@@ -440,6 +440,8 @@ class Daemon:
                     clock=self.clock,
                 )
                 self.registry.defer = self.bridge.defer
+                self.registry.watch_dir = self.bridge.watch
+                self.registry.unwatch_dir = self.bridge.unwatch
                 self.registry.problem = reconciler.run_problem
                 openai = sources.get(OPENAI)
                 if isinstance(openai, UsageClient):  # the bill is OpenAI's only
@@ -470,7 +472,8 @@ class Daemon:
                     self.server.on_refused = refused.inc
                     await self.server.start()
                 # Watch first, then scan: a file written in between is seen by both, never
-                # by neither. (watchdog adds one inotify watch per directory in start().)
+                # by neither. (The scan watches each directory before listing it; a settled
+                # run's directory is only stat'ed, never watched.)
                 await asyncio.to_thread(self.bridge.start, loop)
                 await self._rescan("start")
                 self.ready_event.set()
@@ -482,6 +485,7 @@ class Daemon:
                     "daemon.ready",
                     roots=[str(r) for r in self.roots],
                     tracked=len(self.registry.tracked),
+                    watches=self.bridge.watches(),
                     version=__version__,
                 )
                 period = watchdog_interval()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,9 @@ def run_entries(
     ordered: bool = False,
     skipped: list[Found] | None = None,
     temps: list[str] | None = None,
+    watch: Callable[[str], object] | None = None,
+    settled: Callable[[str], bool] | None = None,
+    top_is_root: bool = True,
 ) -> Iterator[os.DirEntry[str]]:
     """The directory entries of every run file under `root` (cheap: no Path objects, and
     the entry caches its lstat for the caller).
@@ -76,11 +79,18 @@ def run_entries(
     With `skipped`, what is never yielded is reported there: a metrics.json that is not a
     regular file, a symlinked run or framework directory. With `temps`, the paths of our
     temp files seen in any listed directory are appended (see `atomic.remove_stale_temps`).
+    `watch(directory)` is called before each directory is listed, so whatever appears in
+    it afterwards has an event. A subdirectory for which `settled(directory)` is true (a
+    finished run its caller has just checked) is neither watched nor listed. With
+    `top_is_root` false, `root` is a directory under a root (one just created or moved
+    in): it is a run directory itself if it holds a metrics.json.
     """
     top = str(root)
     stack = [top]
     while stack:
         directory = stack.pop()
+        if watch is not None:
+            watch(directory)
         try:
             with os.scandir(directory) as it:
                 entries = list(it)
@@ -89,7 +99,7 @@ def run_entries(
         if temps is not None:
             temps.extend(e.path for e in entries if is_temp_name(e.name))
         run_file = next((e for e in entries if e.name == RUN_FILE), None)
-        if run_file is not None and directory != top:
+        if run_file is not None and (directory != top or not top_is_root):
             if run_file.is_symlink() or run_file.is_file(follow_symlinks=False):
                 yield run_file
             elif skipped is not None:
@@ -106,7 +116,8 @@ def run_entries(
             if e.name.startswith("."):
                 continue
             if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
+                if settled is None or not settled(e.path):
+                    stack.append(e.path)
             elif skipped is not None and e.is_symlink():
                 found = _symlinked_dir(e, root)
                 if found is not None:

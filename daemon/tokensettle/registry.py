@@ -10,10 +10,12 @@ derived from them again.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import structlog
@@ -142,6 +144,11 @@ class Registry:
         self._warned_unscoped: set[str] = set()
         #: called with a directory to look at again soon (a file caught mid-write)
         self.defer: Callable[[Path], None] = lambda _path: None
+        #: a directory about to be listed (from worker threads): watched first, so what
+        #: appears in it after the listing has an event
+        self.watch_dir: Callable[[str], None] = lambda _directory: None
+        #: a settled run's directory: no watch needed, the periodic rescan stats its file
+        self.unwatch_dir: Callable[[str], None] = lambda _directory: None
         #: settled runs admitted since the last flush, put into the index in one transaction
         self._settled: list[Finished] = []
         #: why a run cannot be polled as it stands (None: it can)
@@ -187,23 +194,50 @@ class Registry:
 
     def _scan_blocking(self, known: Mapping[str, tuple[int, int, int]]) -> _Scan:
         """Stat every run file; parse only those the index does not know as finished.
-        Objects are built only for files that need parsing, and a finished run is kept as
-        its small index row, not its bytes: a restart over 100,000 runs stays cheap."""
+        A finished run whose file is unchanged costs one `stat` of its file: its
+        directory is neither listed nor watched (`settled`). Objects are built only for
+        files that need parsing, and a finished run is kept as its small index row, not
+        its bytes: a restart over 100,000 runs stays cheap."""
         scan = _Scan()
         grace = self._grace()
+        seen = scan.seen
+
+        def settled(directory: str) -> bool:
+            path = directory + "/" + RUN_FILE
+            version = known.get(path)
+            if version is None:
+                return False
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                return False
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != version or not S_ISREG(st.st_mode):
+                return False
+            seen.add(path)
+            return True
+
         for root in self.roots:
-            for entry in run_entries(root, skipped=scan.skipped, temps=scan.temps):
+            entries = run_entries(
+                root,
+                skipped=scan.skipped,
+                temps=scan.temps,
+                watch=self.watch_dir,
+                settled=settled if known else None,
+            )
+            for entry in entries:
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                scan.seen.add(entry.path)
+                seen.add(entry.path)
                 if known.get(entry.path) == (st.st_ino, st.st_size, st.st_mtime_ns):
+                    self.unwatch_dir(os.path.dirname(entry.path))
                     continue
                 key = FileKey(entry.path, st.st_ino, st.st_size, st.st_mtime_ns)
                 (loaded,) = load_runs([found_of(entry, root)], grace)
                 if loaded.record is not None and loaded.record.status in TERMINAL:
                     scan.finished.append(finished_row(key, loaded.record))
+                    self.unwatch_dir(os.path.dirname(entry.path))
                 else:
                     scan.other.append((key, loaded))
         for found in scan.skipped:
@@ -245,6 +279,7 @@ class Registry:
             elif probe.finished:
                 self.tracked.pop(probe.path, None)
                 self.grid.drop(probe.path)
+                self.unwatch_dir(str(probe.path.parent))
             elif probe.loaded is not None:
                 self.admit(probe.key, probe.loaded, trailing=trailing)
         self.flush()
@@ -259,11 +294,20 @@ class Registry:
             out: list[Path] = []
             for directory in inside:
                 root = next(r for r in self.roots if directory.is_relative_to(r))
-                out.extend(
+                # A metrics.json that is no regular file (a FIFO) is looked at too: the
+                # look reports it, and its creation may predate the watch.
+                skipped: list[Found] = []
+                found = [
                     Path(e.path)
-                    for e in run_entries(directory)
-                    if self.root_of(Path(e.path)) == root
-                )
+                    for e in run_entries(
+                        directory,
+                        watch=self.watch_dir,
+                        skipped=skipped,
+                        top_is_root=directory == root,
+                    )
+                ]
+                found.extend(f.path for f in skipped if f.path.name == RUN_FILE)
+                out.extend(p for p in found if self.root_of(p) == root)
             return out
 
         await self.look(await asyncio.to_thread(find))
@@ -324,6 +368,7 @@ class Registry:
             self.tracked.pop(path, None)
             self.grid.drop(path)
             self._settled.append(finished_row(key, record))
+            self.unwatch_dir(str(path.parent))
             return
         now = self.clock()
         policy = self._policy()

@@ -43,9 +43,9 @@ async def test_a_dead_watcher_thread_makes_the_daemon_exit_non_zero(
     await _ready(daemon, task)
     assert daemon.health()["watcher_alive"] is True
     assert daemon.bridge.watcher is not None
-    for observer in daemon.bridge.watcher._observers:  # what an exception in watchdog's thread does
-        observer.stop()
-        observer.join()
+    for thread in daemon.bridge.watcher.threads():  # what an exception in watchdog's does
+        thread.stop()
+        thread.join()
     assert daemon.health()["status"] == "failing"
     daemon.bridge.on_dir(root)  # any wake-up: the loop checks the watcher first
     async with asyncio.timeout(30):
