@@ -274,7 +274,8 @@ def inotify_check(limit: int, dirs: int) -> Check:
     pct = f"{share:.0%}" if math.isfinite(share) else "all"
     detail = (
         f"{dirs} directories under the roots need {pct} of fs.inotify.max_user_watches "
-        f"= {limit} (shared by every process of the user)"
+        f"= {limit} (shared by every process of the user) at most: settled runs hold "
+        "no watch, but a burst of unsettled ones holds one each"
     )
     if share <= INOTIFY_WARN_SHARE:
         return Check(INOTIFY_CHECK, True, detail)
