@@ -24,8 +24,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers (pytest-xdist): the e2e tests spend much of their time waiting on the
+# processes they start; two cut the suite from 570 s to ~500 s on two cores here.
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/reconcile_batch.py

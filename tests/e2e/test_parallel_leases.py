@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 ADMIN = "sk-admin-parallel-e2e-SECRET-42"
 LEASES = "proj_leases"
-RUNS = 8
+RUNS = 4
 WAIT = 60
 
 #: One experiment: model calls spread over its run with its own key, then the run file
@@ -91,7 +91,7 @@ async def stage(tmp_path: Path) -> AsyncIterator[Stage]:
         yield Stage(tmp_path, root, sim, session)
 
 
-async def test_eight_parallel_leased_runs_settle_exactly_and_their_keys_go(
+async def test_parallel_leased_runs_settle_exactly_and_their_keys_go(
     stage: Stage,
 ) -> None:
     daemon = Daemon(stage.env(), cwd=stage.tmp)
@@ -114,8 +114,8 @@ async def test_eight_parallel_leased_runs_settle_exactly_and_their_keys_go(
                 sys.executable,
                 str(experiment),
                 str(i),
-                "5",
-                "3.5",
+                "3",
+                "2.0",
                 env=env,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
