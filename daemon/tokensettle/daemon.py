@@ -310,10 +310,10 @@ class Daemon:
         point = self._due_point()
         if point is not None and self._round_ready(point):
             latest = self.grid.latest_point(self.clock().timestamp())
-            outcomes = await self.poller.round(max(point, latest))
+            declared = await self.poller.round(max(point, latest))
             self._update_gauges()
-            if any(o.after and o.after.record and o.after.record.declared for o in outcomes):
-                self.next_revoke = 0.0  # a run with a declared scope settled: look now
+            if declared:
+                self.next_revoke = 0.0  # a run with a declared scope was written: look now
         if time.monotonic() >= self.next_revoke:
             await self._revoke()
         if self.bills is not None:
