@@ -20,7 +20,7 @@ import structlog
 
 from tokensettle.health import Faults
 from tokensettle.metrics import Metrics
-from tokensettle.reconcile import Loaded, Reconciler, RunOutcome
+from tokensettle.reconcile import Loaded, Reconciler, RunOutcome, RunRef
 from tokensettle.registry import YIELD_EVERY, Registry
 from tokensettle.runfile import iso
 from tokensettle.scheduler import PollGrid
@@ -93,21 +93,24 @@ class Poller:
         self.metrics.poll_rounds.inc()
         handled: set[Path] = set()
         declared = False
+        # Who may own the round's minutes, once for all its parts (it walks every tracked
+        # run and the index rows of the round's span, on the loop).
+        owners = self.registry.owners(due)
         for part in round_parts(due, ROUND_RUNS):
-            done, seen = await self._part(part, at)
+            done, seen = await self._part(part, at, owners)
             handled |= done
             declared = declared or seen
         # Runs taken off the grid but not in the report (gone meanwhile): read them again.
         await self.registry.look([p for p in paths if p not in handled], trailing=True)
         return declared
 
-    async def _part(self, due: list[Loaded], at: datetime) -> tuple[set[Path], bool]:
+    async def _part(
+        self, due: list[Loaded], at: datetime, owners: list[RunRef]
+    ) -> tuple[set[Path], bool]:
         """One batch of a round: fetch, settle, write, count; the paths it handled and
         whether a declared run was written."""
         before = self.reconciler.requests_sent
-        report = await self.reconciler.run_batch(
-            due, extra_owners=self.registry.owners(due), now=at
-        )
+        report = await self.reconciler.run_batch(due, extra_owners=owners, now=at)
         self.metrics.api_requests.inc(self.reconciler.requests_sent - before)
         now = self.clock()
         for provider, error in report.auth_errors.items():
