@@ -151,18 +151,7 @@ def _malformed(message: str) -> MalformedResponseError:
 def page_envelope(body: object) -> tuple[list[Any], bool, str | None]:
     """The `data`, `has_more` and `next_page` of a decoded page, checked strictly (there is
     no `object` key to check, unlike OpenAI's pages)."""
-    if not isinstance(body, Mapping):
-        raise _malformed(f"body is {type(body).__name__}, expected an object")
-    data = body.get("data")
-    if not isinstance(data, list):
-        raise _malformed("'data' is not a list")
-    has_more = body.get("has_more")
-    if not isinstance(has_more, bool):
-        raise _malformed("'has_more' is not a boolean")
-    next_page = body.get("next_page")
-    if next_page is not None and not isinstance(next_page, str):
-        raise _malformed("'next_page' is neither a string nor null")
-    return data, has_more, next_page
+    return usage_api.page_envelope(body, page_object=False, malformed=_malformed)
 
 
 def _bucket_time(bucket: Mapping[str, Any], name: str) -> int:

@@ -313,22 +313,30 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def page_envelope(body: object) -> tuple[list[Any], bool, str | None]:
+def page_envelope(
+    body: object,
+    *,
+    page_object: bool = True,
+    malformed: Callable[[str], MalformedResponseError] | None = None,
+) -> tuple[list[Any], bool, str | None]:
     """The `data`, `has_more` and `next_page` of a decoded page (the page object every
-    usage endpoint and the costs endpoint answer), checked strictly."""
+    usage endpoint and the costs endpoint answer), checked strictly. `page_object`: the
+    body must say `"object": "page"` (Anthropic's pages have no `object` key);
+    `malformed` builds the error (its provider's words)."""
+    bad = malformed or _malformed
     if not isinstance(body, Mapping):
-        raise _malformed(f"body is {type(body).__name__}, expected an object")
-    if body.get("object") != "page":
-        raise _malformed(f"object is {body.get('object')!r}, expected 'page'")
+        raise bad(f"body is {type(body).__name__}, expected an object")
+    if page_object and body.get("object") != "page":
+        raise bad(f"object is {body.get('object')!r}, expected 'page'")
     data = body.get("data")
     if not isinstance(data, list):
-        raise _malformed("'data' is not a list")
+        raise bad("'data' is not a list")
     has_more = body.get("has_more")
     if not isinstance(has_more, bool):
-        raise _malformed("'has_more' is not a boolean")
+        raise bad("'has_more' is not a boolean")
     next_page = body.get("next_page")
     if next_page is not None and not isinstance(next_page, str):
-        raise _malformed("'next_page' is neither a string nor null")
+        raise bad("'next_page' is neither a string nor null")
     return data, has_more, next_page
 
 
