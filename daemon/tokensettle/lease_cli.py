@@ -306,14 +306,7 @@ async def _mint(
         try:
             await asyncio.to_thread(write_declaration, run_dir, declaration)
         except OSError as exc:
-            await revoke(
-                store,
-                client,
-                [lease],
-                datetime.now(UTC),
-                policy=_policy(settings),
-                service_accounts=lease_accounts(settings),
-            )
+            await _revoke_now(settings, store, client, [lease], datetime.now(UTC))
             raise LeaseProblem(
                 f"--run-dir {run_dir}: cannot write {SCOPE_FILE}: "
                 f"{exc.strerror or exc}; the key was revoked"
@@ -384,6 +377,24 @@ def _forget_account(project_id: str, account_id: str, book: LeaseBook) -> LeaseB
 
 def _policy(settings: Settings) -> RevokePolicy:
     return RevokePolicy.from_settings(settings)
+
+
+async def _revoke_now(
+    settings: Settings,
+    store: LeaseStore,
+    client: AdminClient,
+    leases: Sequence[Lease],
+    now: datetime,
+) -> list[RevokeOutcome]:
+    """Delete these leases' keys now, as the settings say (backoff, lease account)."""
+    return await revoke(
+        store,
+        client,
+        leases,
+        now,
+        policy=_policy(settings),
+        service_accounts=lease_accounts(settings),
+    )
 
 
 def _check_run_dir(run_dir: Path | None) -> Path | None:
@@ -527,14 +538,7 @@ async def _exec(args: argparse.Namespace) -> int:
 async def _revoke_unused(settings: Settings, store: LeaseStore, lease: Lease) -> None:
     async with aiohttp.ClientSession() as session:
         client = admin_client(settings, session)
-        await revoke(
-            store,
-            client,
-            [lease],
-            datetime.now(UTC),
-            policy=_policy(settings),
-            service_accounts=lease_accounts(settings),
-        )
+        await _revoke_now(settings, store, client, [lease], datetime.now(UTC))
 
 
 # --------------------------------------------------------------------------------------
@@ -983,14 +987,7 @@ async def _revoke(args: argparse.Namespace) -> int:
         return EXIT_OK if all(pool) else EXIT_FAILED
     async with aiohttp.ClientSession() as session:
         client = admin_client(settings, session)
-        outcomes = await revoke(
-            store,
-            client,
-            chosen,
-            now,
-            policy=_policy(settings),
-            service_accounts=lease_accounts(settings),
-        )
+        outcomes = await _revoke_now(settings, store, client, chosen, now)
     for outcome in outcomes:
         _emit(_outcome_line(outcome))
     if any(o.auth_error for o in outcomes):
