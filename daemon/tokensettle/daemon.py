@@ -208,6 +208,10 @@ class Daemon:
             "version": __version__,
         }
 
+    def _write_error(self, path: Path) -> str | None:
+        fault = self.faults.get("write", str(path))
+        return fault.message if fault is not None else None
+
     def _update_gauges(self) -> None:
         counts = self.registry.counts() if self.registry else {}
         for status_name in {*counts, *(s.value for s in Status), "too_old", "skipped"}:
@@ -443,6 +447,7 @@ class Daemon:
                 self.registry.watch_dir = self.bridge.watch
                 self.registry.unwatch_dir = self.bridge.unwatch
                 self.registry.problem = reconciler.run_problem
+                self.registry.write_error = self._write_error
                 openai = sources.get(OPENAI)
                 if isinstance(openai, UsageClient):  # the bill is OpenAI's only
                     self.bills = BillWatch(lambda: self.settings, openai, self.metrics, self.faults)

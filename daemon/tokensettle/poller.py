@@ -188,7 +188,7 @@ class Poller:
                 failures=fault.failures,
                 retry_at=iso(now + wait),
             )
-            self.registry.reschedule(path, write_error=outcome.write_error)
+            self.registry.reschedule(path)
             return
         if outcome.after is not None:
             if self.faults.clear("write", str(path)):

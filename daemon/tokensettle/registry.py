@@ -49,19 +49,18 @@ class Tracked:
     discovered: datetime = field(default_factory=lambda: datetime.now(UTC))
     digest: str = ""
     ref: RunRef | None = None  # what attribution needs of it, built once
-    #: why the last write of an attempt failed (the file is unchanged), while it backs off
-    write_error: str | None = None
 
     def __post_init__(self) -> None:
         if self.ref is None and self.loaded.record is not None:
             self.ref = RunRef.of(self.loaded.record)
 
-    def to_json(self, point: float | None = None) -> dict[str, Any]:
-        """What /runs shows; `point`: the grid point it is polled at (holds included)."""
+    def to_json(self, point: float | None = None, write_error: str | None = None) -> dict[str, Any]:
+        """What /runs shows; `point`: the grid point it is polled at (holds included);
+        `write_error`: why its last write failed, while that fault lasts."""
         record = self.loaded.record
         message = (record.message if record else self.loaded.error) or ""
-        if self.write_error is not None:
-            message = f"write failed, file unchanged, retried later: {self.write_error}"
+        if write_error is not None:
+            message = f"write failed, file unchanged, retried later: {write_error}"
         due = datetime.fromtimestamp(point, UTC) if point is not None else self.due
         return {
             "path": str(self.loaded.found.path),
@@ -152,6 +151,8 @@ class Registry:
         #: settled runs admitted since the last flush, put into the index in one transaction
         self._settled: list[Finished] = []
         #: why a run cannot be polled as it stands (None: it can)
+        #: why a run's last write failed, while it backs off (the daemon's write faults)
+        self.write_error: Callable[[Path], str | None] = lambda _path: None
         self.problem: Callable[[RunRecord], str | None] = lambda record: window_problem(
             record, self._policy()
         )
@@ -409,13 +410,11 @@ class Registry:
         key = FileKey(str(path), snap.inode, snap.size, snap.mtime_ns)
         self.admit(key, loaded, trailing=True, quiet=True)
 
-    def reschedule(self, path: Path, *, write_error: str | None = None) -> None:
-        """Put a tracked run back on the grid from what its file says (and any hold);
-        `write_error`: why this attempt could not be written (shown until a write works)."""
+    def reschedule(self, path: Path) -> None:
+        """Put a tracked run back on the grid from what its file says (and any hold)."""
         tracked = self.tracked.get(path)
         if tracked is None or tracked.loaded.record is None:
             return
-        tracked.write_error = write_error
         record = tracked.loaded.record
         due = next_due(record.attempts, record.status, record.end, self._policy())
         self.grid.put(path, due.timestamp() if due else None, self.clock().timestamp())
@@ -500,7 +499,7 @@ class Registry:
 
     def runs_json(self, framework: str | None = None) -> dict[str, Any]:
         items = [
-            t.to_json(self.grid.due_of(t.loaded.found.path))
+            t.to_json(self.grid.due_of(t.loaded.found.path), self.write_error(t.loaded.found.path))
             for t in sorted(self.tracked.values(), key=lambda t: str(t.loaded.found.path))
         ]
         frameworks = self.index.by_framework()
